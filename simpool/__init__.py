@@ -1,0 +1,1 @@
+"""simpool: DINO self-supervised pretraining with SimPool attention pooling on timm backbones."""
