@@ -1,1 +1,13 @@
-"""simpool: DINO self-supervised pretraining with SimPool attention pooling on timm backbones."""
+"""simpool: DINO self-supervised pretraining with SimPool attention pooling on timm backbones.
+
+    >>> from simpool import SimPool, build_backbone, load_pretrained
+    >>> pool = SimPool(384, gamma=1.25)                # (B, N, 384) or (B, 384, H, W) -> (B, 384)
+    >>> model = build_backbone("vit_small", mode="simpool")
+"""
+
+from simpool.checkpoint import CheckpointError, load_pretrained
+from simpool.models import ARCHS, build_backbone
+from simpool.pooling import SimPool
+
+__version__ = "0.1.0"
+__all__ = ["ARCHS", "CheckpointError", "SimPool", "build_backbone", "load_pretrained"]

@@ -1,0 +1,45 @@
+"""What every simpool backbone offers, whatever its family (ViT, ResNet, ConvNeXt, any timm model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+MODES = ("simpool", "official")
+
+
+class PooledBackbone(nn.Module):
+    """Mixin for backbones that map images (B, 3, H, W) to one feature vector (B, embed_dim).
+
+    Subclasses set ``arch``, ``mode``, ``gamma``, ``embed_dim`` and ``family`` and implement ``forward`` and
+    ``attention_map``. ``config()`` is what export writes so that ``build_backbone(**config)`` rebuilds the model.
+    """
+
+    arch: str
+    mode: str
+    gamma: float | None
+    embed_dim: int
+    family: str
+    build_kwargs: dict[str, Any]
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every family overrides
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """Everything ``simpool.build_backbone`` needs to rebuild this exact architecture."""
+        return {
+            "arch": self.arch,
+            "mode": self.mode,
+            "gamma": self.gamma,
+            "embed_dim": self.embed_dim,
+            "family": self.family,
+            **self.build_kwargs,
+        }
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    return mode

@@ -1,0 +1,164 @@
+"""Vision Transformer (timm) pooled by SimPool or by its [CLS] token.
+
+``mode="simpool"``: no [CLS] token at all (``pos_embed`` has one entry per patch); SimPool (with a learnable
+``beta``) pools the last block's tokens, then the encoder's final LayerNorm ``norm`` normalises the pooled vector.
+``mode="official"``: DINO's ViT -- [CLS] token, final LayerNorm on all tokens, output token 0.
+
+Parameter names are timm's, which are also those of DINO and of the SimPool fork, so their checkpoints load
+without renaming.
+
+Position embeddings for another input size (local crops, 96 px) are resampled bicubically. Two rules exist:
+
+* ``"exact"`` (our models): keep them as they are when the patch grid matches the one they were trained for;
+  otherwise resample to exactly the new grid (``F.interpolate(size=...)``).
+* ``"reference"`` (weights written by DINO / the SimPool fork): what that code does, which we must repeat to
+  reproduce its features. It resamples with ``scale_factor=((h + 0.1) / s, (w + 0.1) / s)`` (h, w the new grid,
+  s the trained grid side), so the sampling positions are shifted even when the sizes agree; and in SimPool mode it
+  resamples at *every* size, 224 px included, because its "nothing to do" test counts a [CLS] token that does
+  not exist (GUIDE.md §2, defect 5). ``simpool.load_pretrained`` switches a model to this rule when it loads a
+  reference checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from simpool.models.base import PooledBackbone, check_mode
+from simpool.pooling import SimPool, pooled_attention_grid
+
+POS_EMBED_RESAMPLING = ("exact", "reference")
+
+
+class SimPoolViT(VisionTransformer, PooledBackbone):
+    """timm ``VisionTransformer`` whose ``forward`` returns the pooled feature (B, embed_dim).
+
+    Example:
+        >>> vit = SimPoolViT(mode="simpool", gamma=1.25, embed_dim=192, depth=2, num_heads=3)
+        >>> vit(torch.randn(2, 3, 96, 96)).shape
+        torch.Size([2, 192])
+    """
+
+    family = "vit"
+
+    def __init__(
+        self,
+        mode: str = "simpool",
+        gamma: float | None = 1.25,
+        patch_size: int = 16,
+        img_size: int = 224,
+        pos_embed_resampling: str = "exact",
+        arch: str = "vit",
+        **timm_kwargs: Any,
+    ) -> None:
+        check_mode(mode)
+        official = mode == "official"
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            num_classes=0,
+            global_pool="token" if official else "",
+            class_token=official,
+            dynamic_img_size=True,  # accept any input size divisible by the patch (96 px local crops)
+            **timm_kwargs,
+        )
+        self.arch, self.mode = arch, mode
+        self.gamma = gamma if mode == "simpool" else None
+        self.patch_size = patch_size
+        self.pos_embed_resampling = pos_embed_resampling
+        self.build_kwargs = {"patch_size": patch_size, "img_size": img_size, **timm_kwargs}
+        self.simpool = SimPool(self.embed_dim, gamma=gamma, use_beta=True) if mode == "simpool" else None
+
+    # -- position embeddings -------------------------------------------------------------------------
+    @property
+    def pos_embed_resampling(self) -> str:
+        return self._pos_embed_resampling
+
+    @pos_embed_resampling.setter
+    def pos_embed_resampling(self, rule: str) -> None:
+        if rule not in POS_EMBED_RESAMPLING:
+            raise ValueError(f"pos_embed_resampling must be one of {POS_EMBED_RESAMPLING}, got {rule!r}")
+        self._pos_embed_resampling = rule
+
+    def patch_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Position embeddings of the patch tokens for a grid_h x grid_w grid, shape (1, grid_h * grid_w, d)."""
+        prefix = self.num_prefix_tokens
+        patch_pe = self.pos_embed[:, prefix:]
+        side = int(math.sqrt(patch_pe.shape[1]))
+        if self.pos_embed_resampling == "exact":
+            if (grid_h, grid_w) == (side, side):
+                return patch_pe
+            resample = {"size": (grid_h, grid_w)}
+        else:
+            reference_skips = self.mode == "official" and grid_h * grid_w == side * side and grid_h == grid_w
+            if reference_skips:
+                return patch_pe
+            resample = {"scale_factor": ((grid_h + 0.1) / side, (grid_w + 0.1) / side)}
+        grid = patch_pe.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, mode="bicubic", align_corners=False, **resample)
+        if grid.shape[-2:] != (grid_h, grid_w):
+            raise RuntimeError(f"position embeddings resampled to {tuple(grid.shape[-2:])}, not {(grid_h, grid_w)}")
+        return grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        batch, grid_h, grid_w, dim = x.shape  # dynamic_img_size: patch_embed returns NHWC
+        x = x.reshape(batch, grid_h * grid_w, dim) + self.patch_pos_embed(grid_h, grid_w)
+        if self.cls_token is not None:
+            cls = self.cls_token + self.pos_embed[:, :1]
+            x = torch.cat([cls.expand(batch, -1, -1), x], dim=1)
+        return self.pos_drop(x)
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + position embedding (+ [CLS] token in official mode)."""
+        x = self._pos_embed(self.patch_embed(x))
+        return self.norm_pre(self.patch_drop(x))
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's tokens, before the final norm: (B, [1 +] N, d)."""
+        return self.blocks(self.prepare_tokens(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.forward_tokens(x)
+        if self.simpool is not None:
+            return self.norm(self.simpool(tokens))
+        return self.norm(tokens)[:, 0]
+
+    def last_block_outputs(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Normalised token sequences of the last ``n`` blocks (DINO's ``get_intermediate_layers``)."""
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if len(self.blocks) - i <= n:
+                outputs.append(self.norm(x))
+        return outputs
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax self-attention of the last block, (B, heads, T, T) over all its tokens."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        attn = last.attn
+        batch, num_tokens, _ = x.shape
+        qkv = attn.qkv(last.norm1(x)).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        return ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, heads, h, w): SimPool's attention in simpool mode, the last block's [CLS] attention otherwise."""
+        grid_h, grid_w = self._grid(x)
+        if self.simpool is not None:
+            _, attn = self.simpool(self.forward_tokens(x), return_attention=True)
+        else:
+            attn = self.get_last_selfattention(x)[:, :, 0, self.num_prefix_tokens:]
+        return pooled_attention_grid(attn, grid_h, grid_w)
