@@ -1,0 +1,40 @@
+"""Data sets for pretraining and evaluation, and the loader plumbing around them.
+
+* :mod:`simpool.data.paths`: ``--data_path`` layouts (SimPool fork root or DINO ImageFolder), DataError
+* :mod:`simpool.data.images`: ImageFolder / file-list data sets that skip unreadable files, the collate
+  function that counts them
+* :mod:`simpool.data.fashion_mnist`: the offline demo data set
+* :mod:`simpool.data.build`: ``build_dataset`` / ``build_labelled_splits``, the entry points
+* :mod:`simpool.data.sampler`: resumable distributed sampler, loader worker seeding
+"""
+
+from simpool.data.build import build_dataset, build_labelled_splits
+from simpool.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FashionMNIST
+from simpool.data.images import (
+    BadSample,
+    CollatedBatch,
+    FileListDataset,
+    ImageFolderDataset,
+    UnreadableImageWarning,
+    collate_skip_bad,
+)
+from simpool.data.paths import DataError, resolve_split
+from simpool.data.sampler import ResumableDistributedSampler, seed_worker
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "BadSample",
+    "CollatedBatch",
+    "DataError",
+    "FashionMNIST",
+    "FileListDataset",
+    "ImageFolderDataset",
+    "ResumableDistributedSampler",
+    "UnreadableImageWarning",
+    "build_dataset",
+    "build_labelled_splits",
+    "collate_skip_bad",
+    "resolve_split",
+    "seed_worker",
+]

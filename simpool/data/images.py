@@ -1,0 +1,234 @@
+"""Image files on disk: a labelled ImageFolder, an unlabelled file list, and bad-file handling.
+
+A week-long pretraining run must not die on image 1,000,001 because one JPEG is truncated. Both data
+sets here decode each file fully (``Image.load()``), and a file that fails to decode comes back as a
+:class:`BadSample` marker instead of ``(image, label)``. :func:`collate_skip_bad` drops the markers
+and counts them **inside the batch** (``CollatedBatch.num_skipped``, an int64 tensor), so the count
+reaches the training loop through the DataLoader's normal result queue for any ``num_workers``:
+sum it over the epoch and log it. Each bad file is named in one :class:`UnreadableImageWarning` per
+process (workers are processes; ``persistent_workers=True`` keeps that to once per run).
+
+PIL's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone on purpose: setting it would silently
+train on grey-padded half images instead of reporting them.
+
+Example::
+
+    >>> from torch.utils.data import DataLoader
+    >>> dataset = ImageFolderDataset("/imagenet/train", transform=augment, subset=260)
+    >>> loader = DataLoader(dataset, batch_size=64, num_workers=8, collate_fn=collate_skip_bad)
+    >>> skipped = 0
+    >>> for batch in loader:
+    ...     skipped += int(batch.num_skipped)
+    ...     if batch.images is None:      # every file in this batch was unreadable
+    ...         continue
+    ...     train_step(batch.images, batch.labels)
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+from torchvision.datasets import ImageFolder
+
+from simpool.data.paths import DataError, check_image_folder, class_folder_names
+
+# What a failed decode raises in PIL: OSError (truncated data, unidentified format, missing file),
+# SyntaxError (broken PNG chunks), ValueError/EOFError (bad headers), DecompressionBombError (absurd
+# sizes). Anything else (e.g. a bug in the transform) is not a bad file and must surface.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class UnreadableImageWarning(UserWarning):
+    """An image file could not be decoded and its sample was skipped."""
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """Marker a data set returns in place of ``(image, label)`` for a file that cannot be decoded."""
+
+    path: str
+    reason: str
+
+
+class CollatedBatch(NamedTuple):
+    """What :func:`collate_skip_bad` returns; unpacks as ``images, labels, num_skipped``.
+
+    ``images`` is a tensor (B, C, H, W), or a list of such tensors when the transform returns a list
+    of crops (multi-crop); ``images`` and ``labels`` are None when every sample of the batch was bad.
+    """
+
+    images: Any
+    labels: torch.Tensor | None
+    num_skipped: torch.Tensor
+
+
+_warned_paths: set[str] = set()  # per process: each unreadable file is reported once
+
+
+def _warn_once(bad: BadSample) -> None:
+    if bad.path not in _warned_paths:
+        _warned_paths.add(bad.path)
+        warnings.warn(
+            f"skipping unreadable image {bad.path}: {bad.reason}", UnreadableImageWarning, stacklevel=2
+        )
+
+
+def load_rgb_image(path: str) -> Image.Image | BadSample:
+    """Decode ``path`` completely into an RGB PIL image, or return a :class:`BadSample`.
+
+    ``Image.open`` only reads the header; ``load()`` decodes all pixel data and raises on a truncated
+    file (as long as ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False, PIL's default).
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except _DECODE_ERRORS as error:
+        return BadSample(path=str(path), reason=f"{type(error).__name__}: {error}")
+
+
+def _load_sample(
+    path: str,
+    target: int,
+    transform: Callable | None,
+    target_transform: Callable | None,
+) -> tuple[Any, Any] | BadSample:
+    image = load_rgb_image(path)
+    if isinstance(image, BadSample):
+        _warn_once(image)
+        return image
+    if transform is not None:
+        image = transform(image)
+    if target_transform is not None:
+        target = target_transform(target)
+    return image, target
+
+
+def collate_skip_bad(samples: Sequence[tuple[Any, Any] | BadSample]) -> CollatedBatch:
+    """Collate ``(image, label)`` samples with ``default_collate`` after dropping :class:`BadSample`.
+
+    Runs inside the loader worker, so the number dropped travels with the batch as a 0-d int64
+    tensor: ``sum(batch.num_skipped)`` over an epoch is the epoch's count of unreadable files for
+    this process, whatever ``num_workers`` is.
+    """
+    good = [s for s in samples if not isinstance(s, BadSample)]
+    num_skipped = torch.tensor(len(samples) - len(good), dtype=torch.int64)
+    if not good:
+        return CollatedBatch(None, None, num_skipped)
+    images, labels = default_collate(good)
+    return CollatedBatch(images, labels, num_skipped)
+
+
+def first_n_per_class(targets: Sequence[int], n: int) -> list[int]:
+    """Indices of the first ``n`` samples of every class, in data set order (all of a smaller class).
+
+    On an ImageFolder the order is sorted file names, so the choice is deterministic and equals the
+    SimPool fork's ``--subset`` (which asserts every class has at least ``n`` images instead).
+    """
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+        raise DataError(f"subset must be a positive number of images per class, got {n!r}")
+    kept_per_class: dict[int, int] = {}
+    keep = []
+    for index, target in enumerate(targets):
+        if kept_per_class.get(target, 0) < n:
+            kept_per_class[target] = kept_per_class.get(target, 0) + 1
+            keep.append(index)
+    return keep
+
+
+class ImageFolderDataset(ImageFolder):
+    """torchvision ``ImageFolder`` (same class discovery and sample order) that survives bad files.
+
+    Classes are the sorted non-hidden subfolders of ``root``; label i is the i-th class. A sample is
+    ``(transform(rgb_image), label)``, or a :class:`BadSample` for a file that cannot be decoded (use
+    :func:`collate_skip_bad`).
+
+    Args:
+        root: the ImageFolder of one split (see :func:`simpool.data.paths.resolve_split`).
+        transform: applied to the RGB PIL image (e.g. DINO's multi-crop augmentation).
+        target_transform: applied to the integer label.
+        subset: keep only the first ``subset`` images of every class (sorted order); None or a
+            value <= 0 keeps all, like the fork's default ``--subset -1``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        subset: int | None = None,
+    ) -> None:
+        root = check_image_folder(root)
+        try:
+            super().__init__(str(root), transform=transform, target_transform=target_transform)
+        except FileNotFoundError as error:  # e.g. a class folder without images
+            raise DataError(f"cannot use {root} as an ImageFolder: {error}") from error
+        if subset is not None and subset > 0:
+            keep = first_n_per_class(self.targets, subset)
+            self.samples = [self.samples[i] for i in keep]
+            self.targets = [self.targets[i] for i in keep]
+            self.imgs = self.samples
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = class_folder_names(Path(directory))
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    def __getitem__(self, index: int) -> tuple[Any, Any] | BadSample:
+        path, target = self.samples[index]
+        return _load_sample(path, target, self.transform, self.target_transform)
+
+
+def read_file_list(list_file: str | os.PathLike) -> list[str]:
+    """Image paths listed in a text file: one per line, '#' comments and blank lines ignored,
+    relative paths taken relative to the list file's folder."""
+    list_file = Path(list_file).expanduser()
+    if not list_file.is_file():
+        raise DataError(f"image list {list_file} does not exist: check --data_path")
+    base = list_file.parent
+    paths = []
+    for line in list_file.read_text().splitlines():
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            paths.append(str(base / Path(entry).expanduser()))  # an absolute entry replaces base
+    if not paths:
+        raise DataError(f"image list {list_file} lists no images: write one image path per line")
+    return paths
+
+
+class FileListDataset(Dataset):
+    """Unlabelled images named in a text file (one path per line); every label is -1.
+
+    For pretraining on images that are not arranged in class folders. Only the first listed file is
+    checked up front (a wrong base folder shows there); a missing file later is a skipped
+    :class:`BadSample` like any unreadable one.
+
+    Example::
+
+        >>> dataset = FileListDataset("/data/crawl/images.txt", transform=augment)
+        >>> image, label = dataset[0]   # label == -1
+    """
+
+    def __init__(self, list_file: str | os.PathLike, transform: Callable | None = None) -> None:
+        self.list_file = Path(list_file).expanduser()
+        self.paths = read_file_list(self.list_file)
+        self.transform = transform
+        if not os.path.isfile(self.paths[0]):
+            raise DataError(
+                f"{self.list_file} lists {self.paths[0]}, which does not exist: relative paths are "
+                f"taken relative to {self.list_file.parent}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | BadSample:
+        return _load_sample(self.paths[index], -1, self.transform, None)
