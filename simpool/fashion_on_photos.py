@@ -1,0 +1,535 @@
+"""Fashion-on-photos: a small offline benchmark with exact object masks for attention maps.
+
+Each sample is a random crop of a real photo with one coloured Fashion-MNIST item pasted on it.
+The item's own pixels give the exact mask (and its tight box), so an attention map can be scored
+(:mod:`simpool.evaluation.attention_metrics`) without any human annotation and without a download:
+the photos ship inside scikit-image, scikit-learn and matplotlib, and Fashion-MNIST comes with the
+Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``).
+
+Recipe for sample ``i`` (all randomness from ``numpy.random.default_rng([seed, split_id, i])``, so
+the data are reproducible and the first n samples of a larger set are the same n samples):
+
+1. background: pick a photo, a square crop whose side is 20–35% of the photo's short side inside
+   the split's region of the photo (train: the first 65% along the long axis, test: the last 35%
+   — disjoint pixels), flip it horizontally with p = 0.5, resize to S×S (PIL bilinear);
+2. item: a random Fashion-MNIST image of the split (train → the 60k train set, test → the 10k
+   test set), resized to s×s with s = 35–70% of S, at a random position fully inside the image;
+3. mask: resized item intensity v ∈ [0, 1] above ``MASK_THRESHOLD`` (0.1);
+4. colour: a random saturated hue c (HSV, s ∈ [0.5, 1], v ∈ [0.6, 1]) shaded by the item's
+   texture, colour = c · (0.4 + 0.6 v); alpha-blended with alpha = min(1, v / 0.3) inside the mask
+   (opaque body, soft edges) and exactly 0 outside, so every pixel outside the mask is the photo crop.
+
+Example::
+
+    >>> data = make_fashion_on_photos(8, image_size=96, seed=0, split="test")
+    >>> data.images.shape, data.masks.shape, data.boxes[0], data.labels[0]
+    (torch.Size([8, 3, 96, 96]), torch.Size([8, 96, 96]), tensor([16,  5, 49, 37]), tensor(2))
+    >>> write_voc_style("/tmp/fop", 100)                  # JPEGImages/ + SegmentationObject/
+    >>> folder = read_mask_folder("/tmp/fop")             # also reads real PASCAL VOC folders
+"""
+
+from __future__ import annotations
+
+import colorsys
+import functools
+import gzip
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = [
+    "FASHION_MNIST_ROOT",
+    "FASHION_MNIST_CLASSES",
+    "MASK_THRESHOLD",
+    "read_idx_gz",
+    "load_fashion_mnist",
+    "load_background_photos",
+    "FashionOnPhotosSample",
+    "FashionOnPhotos",
+    "render_fashion_on_photo",
+    "make_fashion_on_photos",
+    "FashionOnPhotosDataset",
+    "write_voc_style",
+    "MaskSample",
+    "MaskFolderDataset",
+    "read_mask_folder",
+]
+
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+_SPLIT_IDS = {"train": 0, "test": 1}
+
+MASK_THRESHOLD = 0.1  # item intensity (0..1, after resizing) above which a pixel belongs to the item
+_ALPHA_RAMP = 0.3  # intensity at which the item becomes opaque: faint edge pixels stay see-through
+_TRAIN_REGION = 0.65  # train crops from the first 65% of the long axis, test crops from the rest
+_CROP_SIDE = (0.20, 0.35)  # crop side as a fraction of the photo's short side (fits both regions)
+_ITEM_SIDE = (0.35, 0.70)  # item side as a fraction of the image side
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Split = Literal["train", "test"]
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def read_idx_gz(path: str | Path) -> np.ndarray:
+    """Read a gzipped IDX file (the MNIST format) into a uint8 array.
+
+    Header: two zero bytes, a type byte (0x08 = unsigned byte, the only type Fashion-MNIST uses),
+    the number of dimensions n, then n big-endian uint32 sizes; the data follow, row-major.
+    """
+    with gzip.open(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic {raw[:4]!r})")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says shape {shape} but holds {len(raw) - offset} bytes")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+def _check_split(split: str) -> None:
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+@functools.lru_cache(maxsize=4)
+def _load_fashion_cached(split: str, root: str) -> tuple[np.ndarray, np.ndarray]:
+    images_name, labels_name = _FASHION_FILES[split]
+    folder = Path(root)
+    missing = [name for name in (images_name, labels_name) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"Fashion-MNIST file(s) {missing} not found in {folder}: install the Debian "
+                                "package dataset-fashion-mnist or pass fashion_root=<folder with the "
+                                "*-ubyte.gz files>")
+    images = read_idx_gz(folder / images_name)
+    labels = read_idx_gz(folder / labels_name).astype(np.int64)
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(f"{folder}: images {images.shape} and labels {labels.shape} do not match")
+    return images, labels
+
+
+def load_fashion_mnist(
+    split: Split = "train", root: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST images (n, 28, 28) uint8 and labels (n,) int64, read once and cached in memory."""
+    _check_split(split)
+    return _load_fashion_cached(split, str(FASHION_MNIST_ROOT if root is None else root))
+
+
+def _read_rgb(path: str | Path) -> np.ndarray:
+    with Image.open(path) as photo:
+        return np.asarray(photo.convert("RGB"))
+
+
+def _photo_sources() -> list[tuple[str, Callable[[], np.ndarray]]]:
+    missing_hint = ("fashion-on-photos takes its backgrounds from photos shipped in scikit-image and "
+                    "scikit-learn: pip install scikit-image scikit-learn (or pip install -e '.[dev]')")
+    try:
+        import skimage.data
+    except ImportError as error:
+        raise ImportError(missing_hint) from error
+    # sklearn's load_sample_image imports all of sklearn.datasets (seconds); read its two JPEGs directly.
+    sklearn_spec = importlib.util.find_spec("sklearn")
+    if sklearn_spec is None or not sklearn_spec.submodule_search_locations:
+        raise ImportError(missing_hint)
+    sklearn_images = Path(sklearn_spec.submodule_search_locations[0]) / "datasets" / "images"
+    import matplotlib.cbook
+
+    grace_hopper = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    return [
+        ("astronaut", skimage.data.astronaut),
+        ("chelsea", skimage.data.chelsea),
+        ("coffee", skimage.data.coffee),
+        ("rocket", skimage.data.rocket),
+        ("camera", skimage.data.camera),
+        ("china", lambda: _read_rgb(sklearn_images / "china.jpg")),
+        ("flower", lambda: _read_rgb(sklearn_images / "flower.jpg")),
+        ("grace_hopper", lambda: _read_rgb(grace_hopper)),
+    ]
+
+
+@functools.lru_cache(maxsize=1)
+def load_background_photos() -> tuple[tuple[str, np.ndarray], ...]:
+    """The background photos as (name, (H, W, 3) uint8) pairs, read once and cached in memory.
+
+    Eight real photos from package data (no download): scikit-image astronaut, chelsea, coffee,
+    rocket, camera (greyscale, stacked to RGB); scikit-learn china, flower; matplotlib grace_hopper.
+    """
+    photos = []
+    for name, read in _photo_sources():
+        pixels = np.asarray(read())
+        if pixels.ndim == 2:
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+        pixels = np.ascontiguousarray(pixels[:, :, :3], dtype=np.uint8)
+        pixels.setflags(write=False)  # shared cache: nobody may paint on it
+        photos.append((name, pixels))
+    return tuple(photos)
+
+
+# ----------------------------------------------------------------------------- one sample
+
+
+@dataclass(frozen=True)
+class FashionOnPhotosSample:
+    """One rendered sample, with what made it (so tests and demos can retrace every step).
+
+    ``crop`` is (x0, y0, x1, y1) in the photo, before the flip and resize. The item square is
+    ``item_box``; the object (``mask``/``box``) is the part of it above ``MASK_THRESHOLD``, which is
+    smaller because Fashion-MNIST items have a dark margin.
+    """
+
+    image: np.ndarray  # (S, S, 3) uint8: the photo crop with the item pasted
+    mask: np.ndarray  # (S, S) bool: the item's pixels
+    box: np.ndarray  # (4,) int64: tight (x0, y0, x1, y1) of mask, inclusive-exclusive
+    label: int  # Fashion-MNIST class
+    background: np.ndarray  # (S, S, 3) uint8: the photo crop alone
+    photo: str  # background photo name
+    crop: tuple[int, int, int, int]
+    flipped: bool
+    fashion_index: int  # index of the item in the Fashion-MNIST split
+    item_box: tuple[int, int, int, int]  # where the resized 28x28 item square was pasted (x0, y0, x1, y1)
+
+
+def _split_region(height: int, width: int, split: str) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the part of a photo a split may crop from: disjoint for train and test."""
+    long_side = max(height, width)
+    cut = int(round(_TRAIN_REGION * long_side))
+    start, stop = (0, cut) if split == "train" else (cut, long_side)
+    return (start, 0, stop, height) if width >= height else (0, start, width, stop)
+
+
+def _random_crop(rng: np.random.Generator, photo: np.ndarray, split: str) -> tuple[int, int, int, int]:
+    height, width = photo.shape[:2]
+    rx0, ry0, rx1, ry1 = _split_region(height, width, split)
+    side = int(rng.uniform(*_CROP_SIDE) * min(height, width))
+    side = max(1, min(side, rx1 - rx0, ry1 - ry0))
+    x0 = int(rng.integers(rx0, rx1 - side + 1))
+    y0 = int(rng.integers(ry0, ry1 - side + 1))
+    return x0, y0, x0 + side, y0 + side
+
+
+def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    hue, saturation, value = rng.uniform(0, 1), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0)
+    return np.array(colorsys.hsv_to_rgb(hue, saturation, value), dtype=np.float64)
+
+
+def _tight_box(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return np.zeros(4, dtype=np.int64)
+    return np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.int64)
+
+
+def _check_image_size(image_size: int) -> None:
+    if not isinstance(image_size, int) or image_size < 16:
+        raise ValueError(f"image_size must be an int >= 16 (items are 35-70% of it), got {image_size!r}")
+
+
+def render_fashion_on_photo(
+    index: int,
+    image_size: int = 96,
+    seed: int = 0,
+    split: Split = "train",
+    fashion_root: str | Path | None = None,
+) -> FashionOnPhotosSample:
+    """Render sample ``index`` of the (seed, split) benchmark; see the module docstring for the recipe."""
+    _check_split(split)
+    _check_image_size(image_size)
+    if index < 0 or seed < 0:
+        raise ValueError(f"index and seed must be non-negative ints, got index={index}, seed={seed}")
+    items, labels = load_fashion_mnist(split, fashion_root)
+    photos = load_background_photos()
+    rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
+
+    photo_name, photo = photos[int(rng.integers(len(photos)))]
+    crop = _random_crop(rng, photo, split)
+    flipped = bool(rng.random() < 0.5)
+    patch = photo[crop[1] : crop[3], crop[0] : crop[2]]
+    background = _resize(patch[:, ::-1] if flipped else patch, image_size)
+
+    fashion_index = int(rng.integers(len(items)))
+    item_side = max(2, int(round(rng.uniform(*_ITEM_SIDE) * image_size)))
+    top, left = (int(v) for v in rng.integers(0, image_size - item_side + 1, size=2))
+    colour = _random_colour(rng)
+
+    intensity = np.zeros((image_size, image_size))
+    item = _resize(items[fashion_index], item_side) / 255.0
+    intensity[top : top + item_side, left : left + item_side] = item
+    mask = intensity > MASK_THRESHOLD
+    alpha = np.where(mask, np.minimum(1.0, intensity / _ALPHA_RAMP), 0.0)[:, :, None]
+    item_rgb = 255.0 * colour * (0.4 + 0.6 * intensity[:, :, None])
+    blended = np.rint(alpha * item_rgb + (1.0 - alpha) * background).clip(0, 255).astype(np.uint8)
+    # Outside the mask alpha is 0; take the photo's bytes themselves so "unchanged" is exact.
+    image = np.where(mask[:, :, None], blended, background)
+    return FashionOnPhotosSample(
+        image=image, mask=mask, box=_tight_box(mask), label=int(labels[fashion_index]),
+        background=background, photo=photo_name, crop=crop, flipped=flipped, fashion_index=fashion_index,
+        item_box=(left, top, left + item_side, top + item_side),
+    )
+
+
+# ----------------------------------------------------------------------------- whole sets
+
+
+class FashionOnPhotos(NamedTuple):
+    """images (n, 3, S, S) uint8 (or a list of PIL images), masks (n, S, S) bool, boxes (n, 4) int64
+    (x0, y0, x1, y1), inclusive-exclusive), labels (n,) int64 Fashion-MNIST classes."""
+
+    images: torch.Tensor | list[Image.Image]
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    labels: torch.Tensor
+
+
+def make_fashion_on_photos(
+    n: int,
+    image_size: int = 96,
+    seed: int = 0,
+    split: Split = "train",
+    fashion_root: str | Path | None = None,
+    as_pil: bool = False,
+) -> FashionOnPhotos:
+    """Render samples 0 … n-1 of the (seed, split) fashion-on-photos set; deterministic.
+
+    The same arguments always give identical arrays, and ``make_fashion_on_photos(n)`` is a prefix
+    of ``make_fashion_on_photos(m)`` for m > n. ``split="test"`` uses the Fashion-MNIST test set and
+    a disjoint region of each photo. Returns a :class:`FashionOnPhotos` named tuple (unpacks as
+    ``images, masks, boxes, labels``); ``as_pil=True`` gives the images as a list of PIL RGB images.
+    """
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    _check_split(split)
+    _check_image_size(image_size)
+    samples = [render_fashion_on_photo(i, image_size, seed, split, fashion_root) for i in range(n)]
+    if as_pil:
+        images: torch.Tensor | list[Image.Image] = [Image.fromarray(s.image) for s in samples]
+    else:
+        images = torch.from_numpy(np.stack([s.image for s in samples]).reshape(n, image_size, image_size, 3))
+        images = images.permute(0, 3, 1, 2).contiguous()
+    return FashionOnPhotos(
+        images=images,
+        masks=torch.from_numpy(np.stack([s.mask for s in samples]).reshape(n, image_size, image_size)),
+        boxes=torch.from_numpy(np.stack([s.box for s in samples]).reshape(n, 4)),
+        labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
+    )
+
+
+def _default_eval_transform() -> Callable[[Image.Image], torch.Tensor]:
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)])
+
+
+class FashionOnPhotosDataset(Dataset):
+    """Fashion-on-photos as a torch Dataset, rendered lazily per index (cheap: ~1 ms a sample).
+
+    * ``mode="train"``: ``(image, label)`` with ``image`` a PIL RGB image passed through
+      ``transform`` if given — plug in the DINO multi-crop augmentation here.
+    * ``mode="eval"``: ``(tensor, mask, box)`` — ``transform(PIL)`` (default: ToTensor + ImageNet
+      normalisation) as a (3, S, S) float tensor, the (S, S) bool mask and the (4,) int64 box. The
+      transform must keep the geometry (no crop, resize or flip), or the mask no longer fits the
+      image: a ValueError says so.
+
+    Example::
+
+        >>> train = FashionOnPhotosDataset(10_000, split="train", transform=multi_crop)
+        >>> test = FashionOnPhotosDataset(500, split="test", mode="eval", image_size=224)
+        >>> image, mask, box = test[0]
+    """
+
+    def __init__(
+        self,
+        n: int,
+        image_size: int = 96,
+        seed: int = 0,
+        split: Split = "train",
+        mode: Literal["train", "eval"] = "train",
+        transform: Callable[[Image.Image], Any] | None = None,
+        fashion_root: str | Path | None = None,
+    ) -> None:
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' (image, label) or 'eval' (tensor, mask, box), "
+                             f"got {mode!r}")
+        _check_split(split)
+        _check_image_size(image_size)
+        self.n, self.image_size, self.seed, self.split, self.mode = n, image_size, seed, split, mode
+        self.fashion_root = fashion_root
+        self.transform = transform if transform is not None or mode == "train" else _default_eval_transform()
+        self.classes = list(FASHION_MNIST_CLASSES)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        if not -self.n <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} samples")
+        index %= self.n  # negative indices count from the end, as for a list
+        sample = render_fashion_on_photo(index, self.image_size, self.seed, self.split, self.fashion_root)
+        image = Image.fromarray(sample.image)
+        if self.mode == "train":
+            return (self.transform(image) if self.transform is not None else image), sample.label
+        tensor = self.transform(image)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape[-2:]) != sample.mask.shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"eval transform gave {shape}, expected a tensor (C, {self.image_size}, "
+                             f"{self.image_size}): in eval mode the transform must not crop/resize, or the "
+                             "mask would not fit; build the dataset at the size you need (image_size=...)")
+        return tensor, torch.from_numpy(sample.mask), torch.from_numpy(sample.box)
+
+
+# ----------------------------------------------------------------------------- VOC-style folders
+
+
+def write_voc_style(
+    folder: str | Path,
+    n: int,
+    image_size: int = 96,
+    seed: int = 0,
+    split: Split = "test",
+    fashion_root: str | Path | None = None,
+    jpeg_quality: int = 95,
+) -> list[str]:
+    """Write n samples as ``folder/JPEGImages/<id>.jpg`` + ``folder/SegmentationObject/<id>.png``.
+
+    Masks are greyscale PNGs, 0 = background, 255 = object (viewable as is; :func:`read_mask_folder`
+    reads such 0/255 masks as binary). Also writes ``ImageSets/Segmentation/<split>.txt`` (the ids)
+    and ``labels.txt`` (``<id> <class>`` lines) as VOC does for its lists. Returns the ids.
+    """
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
+    root = Path(folder)
+    image_dir, mask_dir = root / "JPEGImages", root / "SegmentationObject"
+    list_dir = root / "ImageSets" / "Segmentation"
+    for directory in (image_dir, mask_dir, list_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    ids, label_lines = [], []
+    for i in range(n):
+        sample = render_fashion_on_photo(i, image_size, seed, split, fashion_root)
+        sample_id = f"{i:06d}"
+        Image.fromarray(sample.image).save(image_dir / f"{sample_id}.jpg", quality=jpeg_quality)
+        Image.fromarray(sample.mask.astype(np.uint8) * 255, mode="L").save(mask_dir / f"{sample_id}.png")
+        ids.append(sample_id)
+        label_lines.append(f"{sample_id} {sample.label}")
+    (list_dir / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    (root / "labels.txt").write_text("".join(f"{line}\n" for line in label_lines))
+    return ids
+
+
+@dataclass(frozen=True)
+class MaskSample:
+    """One image of a mask folder: foreground and void masks (H, W) bool, one box per object (k, 4)."""
+
+    name: str
+    image: Image.Image
+    mask: torch.Tensor
+    void: torch.Tensor
+    boxes: torch.Tensor
+
+
+_VOID = 255
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+
+def _decode_mask(values: np.ndarray, binary: bool | None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Raw PNG values → (foreground, void, per-object masks), see :func:`read_mask_folder`."""
+    if binary is None:
+        binary = bool(np.isin(values, (0, _VOID)).all())
+    if binary:
+        foreground = values != 0
+        return foreground, np.zeros_like(foreground), [foreground]
+    void = values == _VOID
+    foreground = (values != 0) & ~void
+    objects = [values == v for v in np.unique(values[foreground])]
+    return foreground, void, objects
+
+
+class MaskFolderDataset(Dataset):
+    """Lazy reader of a VOC-style folder; item i is a :class:`MaskSample`. See :func:`read_mask_folder`."""
+
+    def __init__(self, folder: str | Path, mask_dir: str | None = None, binary: bool | None = None) -> None:
+        root = Path(folder)
+        self.image_dir = root / "JPEGImages"
+        candidates = [mask_dir] if mask_dir else ["SegmentationObject", "SegmentationClass"]
+        found = [root / name for name in candidates if (root / name).is_dir()]
+        if not self.image_dir.is_dir() or not found:
+            raise ValueError(f"{root} is not a VOC-style folder: expected JPEGImages/ and one of "
+                             f"{candidates}/ with PNG masks (pass mask_dir= for another mask folder name)")
+        self.mask_dir = found[0]
+        self.binary = binary
+        self.names = sorted(path.stem for path in self.mask_dir.glob("*.png"))
+        if not self.names:
+            raise ValueError(f"no PNG masks in {self.mask_dir}")
+        self.image_paths = [self._image_path(name) for name in self.names]
+
+    def _image_path(self, name: str) -> Path:
+        for suffix in _IMAGE_SUFFIXES:
+            if (path := self.image_dir / f"{name}{suffix}").is_file():
+                return path
+        raise ValueError(f"mask {self.mask_dir / name}.png has no image {self.image_dir / name}.jpg "
+                         "(or .jpeg/.png)")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> MaskSample:
+        name = self.names[index]
+        with Image.open(self.image_paths[index]) as image_file:
+            image = image_file.convert("RGB")
+        with Image.open(self.mask_dir / f"{name}.png") as mask_file:
+            if mask_file.mode not in ("P", "L", "1", "I", "I;16"):
+                raise ValueError(f"{mask_file.filename}: mask mode {mask_file.mode} is not a label image; "
+                                 "save masks as palette (VOC) or greyscale PNGs")
+            values = np.asarray(mask_file)  # palette PNGs give the palette indices, i.e. the labels
+        if values.shape != (image.height, image.width):
+            raise ValueError(f"{name}: mask {values.shape} and image {(image.height, image.width)} "
+                             "differ in size")
+        foreground, void, objects = _decode_mask(values.astype(np.int64), self.binary)
+        boxes = np.stack([_tight_box(obj) for obj in objects]) if objects else np.zeros((0, 4), np.int64)
+        return MaskSample(name=name, image=image, mask=torch.from_numpy(foreground),
+                          void=torch.from_numpy(void), boxes=torch.from_numpy(boxes))
+
+
+def read_mask_folder(
+    folder: str | Path, mask_dir: str | None = None, binary: bool | None = None
+) -> MaskFolderDataset:
+    """Open a VOC-style folder of images and PNG masks (lazily: VOC has thousands of images).
+
+    Layout: ``JPEGImages/<id>.jpg`` and ``SegmentationObject/<id>.png`` (or
+    ``SegmentationClass/``, or ``mask_dir``); only ids that have a mask are read. Mask values:
+
+    * VOC convention: 0 = background, 255 = void (object borders and ambiguous pixels, ignored
+      in scoring), every other value = foreground. In ``SegmentationObject`` each value is one
+      object instance and gets its own box; in ``SegmentationClass`` a value is a class, so
+      instances of one class share a box.
+    * binary masks: a mask whose only values are 0 and 255 (as :func:`write_voc_style` writes, and
+      most tools save) is read as 0 = background, 255 = foreground, no void — a VOC mask always
+      holds an object id besides 0 and 255, so the two cases cannot be confused. Force either
+      reading with ``binary=True`` (any non-zero = foreground) or ``binary=False`` (VOC rule).
+
+    Each item is a :class:`MaskSample` (PIL image, mask, void, boxes (k, 4) x0, y0, x1, y1,
+    inclusive-exclusive) ready for :func:`simpool.evaluation.attention_metrics.evaluate_maps`
+    (``gt_boxes`` = boxes, ``ignore_masks`` = void).
+    """
+    return MaskFolderDataset(folder, mask_dir=mask_dir, binary=binary)
