@@ -213,6 +213,12 @@ def _warn_on_args_conflict(model: nn.Module, args: dict[str, Any], path: Any) ->
     if getattr(model, "mode", None) != "simpool" or "gamma" not in args:
         return
     recorded, ours = args["gamma"], getattr(model, "gamma", None)
+    if recorded == "auto":  # our trainer's "the arch's default" (see simpool.dino.config)
+        from simpool.models import default_gamma
+
+        recorded = default_gamma(args.get("arch", getattr(model, "arch", "")))
+        if recorded is None:
+            return
     if recorded != ours and not (recorded is not None and ours is not None and abs(recorded - ours) < 1e-9):
         warnings.warn(
             f"{path} was trained with gamma={recorded}, but the model uses gamma={ours}: "

@@ -120,9 +120,13 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)
-        # eps as in F.normalize's default, like the reference.
-        x = F.normalize(x, dim=-1, p=2)
-        return self.last_layer(x)
+        # The prototype layer runs in float32 even under autocast: its cosine logits are divided by
+        # temperatures of 0.04-0.1 in the loss, so bf16's 3 significant digits would become noise there.
+        # It costs little (bottleneck_dim x out_dim per crop, against the backbone's billions of FLOPs).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # eps as in F.normalize's default, like the reference.
+            x = F.normalize(x.float(), dim=-1, p=2)
+            return self.last_layer(x)
 
 
 def _init_linear(module: nn.Module) -> None:

@@ -36,7 +36,8 @@ ARCHS: dict[str, tuple[type[nn.Module], float, dict[str, Any]]] = {
     "convnext_base": (SimPoolConvNeXt, 2.0, {"depths": (3, 3, 27, 3), "dims": (128, 256, 512, 1024)}),
 }
 
-DEFAULT = object()  # "use the arch's default gamma"; None means "no gamma" (plain attention-weighted mean)
+AUTO = "auto"  # gamma="auto": the arch's paper default; gamma=None: no gamma (plain attention-weighted mean)
+DEFAULT = AUTO  # kept as an alias
 
 
 def is_known_arch(arch: str) -> bool:
@@ -53,7 +54,7 @@ def default_gamma(arch: str) -> float | None:
 def build_backbone(
     arch: str,
     mode: str = "simpool",
-    gamma: Any = DEFAULT,
+    gamma: float | str | None = AUTO,
     patch_size: int = 16,
     drop_path_rate: float = 0.0,
     **overrides: Any,
@@ -63,7 +64,8 @@ def build_backbone(
     Args:
         arch: a name from ``ARCHS`` or any timm model name.
         mode: ``"simpool"`` or ``"official"`` (DINO's [CLS] token / average pooling).
-        gamma: SimPool's generalised-mean exponent; default per family, ``None`` for the plain weighted mean.
+        gamma: SimPool's generalised-mean exponent; ``"auto"`` = the family's default (1.25 transformers, 2.0
+            convnets), ``None`` = the plain attention-weighted mean.
         patch_size: ViT patch size (8 or 16); ignored by convnets.
         drop_path_rate: stochastic depth.
         **overrides: passed to timm, e.g. ``depth=2, embed_dim=192`` or ``layers=(1, 1, 1, 1)``.
@@ -82,13 +84,13 @@ def build_backbone(
         )
     overrides = {k: v for k, v in overrides.items() if k not in ("family", "embed_dim_out")}
     if arch not in ARCHS:
-        return TimmBackbone(arch, mode=mode, gamma=None if gamma is DEFAULT else gamma,
+        return TimmBackbone(arch, mode=mode, gamma=gamma,
                             drop_path_rate=drop_path_rate, **overrides)
     cls, arch_gamma, arch_kwargs = ARCHS[arch]
     kwargs = {**arch_kwargs, **overrides}
     if cls is SimPoolViT:
         kwargs["patch_size"] = patch_size
-    return cls(mode=mode, gamma=arch_gamma if gamma is DEFAULT else gamma, arch=arch,
+    return cls(mode=mode, gamma=arch_gamma if gamma == AUTO else gamma, arch=arch,
                drop_path_rate=drop_path_rate, **kwargs)
 
 

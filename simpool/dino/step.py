@@ -1,0 +1,138 @@
+"""One DINO training iteration -- the whole algorithm on one screen.
+
+    teacher_out = teacher(global crops)                  no gradient; EMA of the student
+    student_out = student(all crops)
+    loss = DINOLoss(student_out, teacher_out, epoch)      centring + sharpening, cross-entropy, centre EMA
+    loss.backward(); clip; freeze last layer; optimizer.step()
+    teacher <- m * teacher + (1 - m) * student            momentum m follows a cosine schedule to 1
+
+What differs from the reference, and why:
+
+* No host synchronisation per step. The reference called ``loss.item()`` and ``cuda.synchronize()`` every
+  iteration; here the statistics stay on the device (read by the caller every N steps) and a non-finite loss
+  is handled on the device too: a ``GradScaler`` (a real one in fp16; one with a fixed scale of 1 otherwise)
+  skips the optimizer step whenever a gradient is not finite. With DDP the gradients are all-reduced, so every
+  rank sees the same non-finite values and all ranks skip together. Fused AdamW/SGD take the scaler's
+  ``found_inf`` flag directly, so the skip costs no sync at all.
+* The teacher EMA is two foreach kernels over all parameters instead of a Python loop of small ones.
+* bf16 autocast by default on CUDA; the loss always runs in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from simpool.dino.optim import cancel_gradients_last_layer, clip_gradients, set_schedule_values
+
+AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class StepStats:
+    """Per-step values, all device tensors (no host sync until someone reads them)."""
+
+    loss: torch.Tensor
+    teacher_entropy: torch.Tensor
+    kl: torch.Tensor
+    loss_is_finite: torch.Tensor
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP and/or torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+class DINOStep:
+    """Callable that performs one DINO iteration on a list of crop batches (2 global first).
+
+    Args:
+        student: MultiCropWrapper(backbone, head), possibly wrapped in DDP and/or torch.compile.
+        teacher: the teacher MultiCropWrapper (same architecture, ``requires_grad`` False).
+        loss_fn: ``DINOLoss``.
+        optimizer: over the student's parameter groups.
+        precision: "fp32", "fp16" (autocast + dynamic loss scaling) or "bf16" (autocast).
+        clip_grad: per-parameter gradient-norm clip; 0 disables.
+        freeze_last_layer: epochs during which the head's last layer gets no update.
+
+    Example:
+        >>> step = DINOStep(student, teacher, DINOLoss(...), optimizer, precision="bf16", clip_grad=3.0)
+        >>> stats = step(crops, epoch=0, lr=5e-4, weight_decay=0.04, momentum=0.996)
+        >>> float(stats.loss)   # reading it synchronises; do it every N steps
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        loss_fn: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: str = "fp32",
+        clip_grad: float = 0.0,
+        freeze_last_layer: int = 0,
+    ) -> None:
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {precision!r}")
+        self.student, self.teacher = student, teacher
+        self.loss_fn, self.optimizer = loss_fn, optimizer
+        self.precision, self.clip_grad, self.freeze_last_layer = precision, clip_grad, freeze_last_layer
+        self.device = next(unwrap(student).parameters()).device
+        self.autocast_dtype = AUTOCAST_DTYPES[precision]
+        # In fp32/bf16 the scale stays 1 (reset after every step): the scaler is only the on-device
+        # "skip steps with non-finite gradients" switch. In fp16 it is the usual dynamic loss scaling.
+        self.fixed_scale = None if precision == "fp16" else 1.0
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.fixed_scale or 2.0**16)
+        self.student_params = [p for p in unwrap(student).parameters()]
+        self.teacher_params = [p for p in unwrap(teacher).parameters()]
+        if len(self.student_params) != len(self.teacher_params):
+            raise ValueError("student and teacher must have the same parameters")
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def __call__(
+        self,
+        crops: list[torch.Tensor],
+        epoch: int,
+        lr: float,
+        weight_decay: float,
+        momentum: float,
+    ) -> StepStats:
+        set_schedule_values(self.optimizer, lr, weight_decay)
+        with self.autocast():
+            with torch.no_grad():
+                teacher_out = self.teacher(crops[:2])  # only the 2 global views pass through the teacher
+            student_out = self.student(crops)
+        loss = self.loss_fn(student_out, teacher_out, epoch)  # float32 inside, whatever the autocast
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # flags non-finite gradients on the device
+        if self.clip_grad:
+            clip_gradients(unwrap(self.student), self.clip_grad)
+        cancel_gradients_last_layer(epoch, unwrap(self.student), self.freeze_last_layer)
+        self.scaler.step(self.optimizer)  # skipped if any gradient is inf/NaN
+        self.scaler.update(self.fixed_scale)
+        self.update_teacher(momentum)
+        return StepStats(
+            loss=loss.detach(),
+            teacher_entropy=self.loss_fn.last_teacher_entropy,
+            kl=self.loss_fn.last_kl,
+            loss_is_finite=torch.isfinite(loss.detach()),
+        )
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, over all parameters at once."""
+        torch._foreach_mul_(self.teacher_params, momentum)
+        torch._foreach_add_(self.teacher_params, self.student_params, alpha=1.0 - momentum)
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

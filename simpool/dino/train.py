@@ -1,0 +1,529 @@
+"""DINO pretraining driver: set-up, the epoch loop, checkpoints and exact resume, preemption, online k-NN.
+
+The iteration itself lives in ``simpool.dino.step.DINOStep``; this module feeds it and keeps the run safe:
+
+* ``output_dir/checkpoint.pth`` every epoch (and every ``--save_every_steps``), written atomically, holding
+  student, teacher, optimizer, loss scaler, loss centre, epoch, iteration, args and RNG states. Relaunching the
+  same command resumes, mid-epoch from the next batch.
+* SIGTERM / SIGUSR1 (SLURM preemption): save and exit with code 0.
+* Non-finite losses skip their step on every rank (see ``step.py``); ``--max_skipped_steps`` in a row stop
+  the run with a message naming the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from simpool.checkpoint import FORMAT_KEY, FORMAT_VERSION, CheckpointError, atomic_save, safe_load
+from simpool.data import DataError, ResumableDistributedSampler, build_dataset, collate_skip_bad, seed_worker
+from simpool.dino.augment import DataAugmentationDINO
+from simpool.dino.config import ConfigError, args_to_yaml, parse_args, resolve_precision
+from simpool.dino.head import DINOHead, MultiCropWrapper
+from simpool.dino.loss import DINOLoss
+from simpool.dino.optim import build_optimizer, get_params_groups
+from simpool.dino.schedules import cosine_scheduler, scaled_lr
+from simpool.dino.step import DINOStep, unwrap
+from simpool.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from simpool.models import build_backbone
+from simpool.run_log import RunLogger, Throughput, format_seconds, peak_memory_gib
+
+
+class TrainingStopped(RuntimeError):
+    """Too many consecutive non-finite losses: the run stops and says which checkpoint is the last good one."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks
+# ----------------------------------------------------------------------------------------------------------
+def build_student_teacher(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn.Module, int]:
+    """Student and teacher MultiCropWrappers with identical initial weights (the teacher has no drop path)."""
+    gamma = args.gamma  # "auto" (the arch's default), None or a float
+    overrides = dict(args.model_overrides or {})
+    student_backbone = build_backbone(
+        args.arch,
+        mode=args.mode,
+        gamma=gamma,
+        patch_size=args.patch_size,
+        drop_path_rate=args.drop_path_rate,
+        **overrides,
+    )
+    teacher_backbone = build_backbone(args.arch, mode=args.mode, gamma=gamma, patch_size=args.patch_size, **overrides)
+    embed_dim = student_backbone.embed_dim
+    student = MultiCropWrapper(
+        student_backbone,
+        DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer),
+    )
+    teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head))
+    student, teacher = student.to(device), teacher.to(device)
+    if device.type == "cuda" and args.arch.startswith(("resnet", "convnext")):
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher, embed_dim
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def wrap_for_training(student: nn.Module, teacher: nn.Module, dist_info: DistInfo, compile_models: bool):
+    """SyncBatchNorm + DDP when distributed; torch.compile when asked. Returns (student, teacher)."""
+    if dist_info.world_size > 1:
+        if dist_info.device.type == "cuda" and has_batchnorm(student):
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+        student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+        # DDP broadcast rank 0's weights to the student; the teacher starts from the same ones.
+        teacher.load_state_dict(student.module.state_dict())
+    if compile_models:
+        student, teacher = torch.compile(student), torch.compile(teacher)
+    return student, teacher
+
+
+def build_train_loader(args: argparse.Namespace, dist_info: DistInfo) -> tuple[DataLoader, ResumableDistributedSampler]:
+    transform = DataAugmentationDINO(
+        args.global_crops_scale,
+        args.local_crops_scale,
+        args.local_crops_number,
+        global_crops_size=args.global_crops_size,
+        local_crops_size=args.local_crops_size,
+    )
+    dataset = build_dataset(
+        args.data_path, "train", transform=transform, subset=args.subset if args.subset > 0 else None
+    )
+    if len(dataset) < args.batch_size_per_gpu * dist_info.world_size:
+        raise DataError(
+            f"{args.data_path} holds {len(dataset)} images, fewer than one global batch "
+            f"({args.batch_size_per_gpu} x {dist_info.world_size}); lower --batch_size_per_gpu"
+        )
+    sampler = ResumableDistributedSampler(
+        dataset,
+        batch_size=args.batch_size_per_gpu,
+        num_replicas=dist_info.world_size,
+        rank=dist_info.rank,
+        shuffle=True,
+        seed=args.seed,
+        drop_last=True,
+    )
+    generator = torch.Generator().manual_seed(args.seed + dist_info.rank)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size_per_gpu,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=dist_info.device.type == "cuda",
+        drop_last=True,
+        collate_fn=collate_skip_bad,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        persistent_workers=False,
+    )
+    return loader, sampler
+
+
+def set_seeds(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states as tensors and plain values, so the checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1; the loop saves a checkpoint and exits 0 at the next safe point."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.raised = True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Owns the models, the schedules and the checkpoint of one run; ``fit()`` trains to the last epoch."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dist = init_distributed(args.dist_url, args.backend)
+        self.device = self.dist.device
+        self.output_dir = Path(args.output_dir)
+        self.checkpoint_path = self.output_dir / "checkpoint.pth"
+        set_seeds(args.seed + self.dist.rank)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "args.yaml").write_text(args_to_yaml(args))
+        barrier()
+
+        self.loader, self.sampler = build_train_loader(args, self.dist)  # fails early on bad data paths
+        self.niter_per_epoch = len(self.sampler) // args.batch_size_per_gpu
+        self.precision = resolve_precision(args, self.device.type == "cuda")
+        student, teacher, self.embed_dim = build_student_teacher(args, self.device)
+        compile_models = args.compile if args.compile is not None else self.device.type == "cuda"
+        self.student, self.teacher = wrap_for_training(student, teacher, self.dist, compile_models)
+        self.loss_fn = DINOLoss(
+            args.out_dim,
+            args.local_crops_number + 2,
+            args.warmup_teacher_temp,
+            args.teacher_temp,
+            args.warmup_teacher_temp_epochs,
+            args.epochs,
+        ).to(self.device)
+        self.optimizer = build_optimizer(args.optimizer, get_params_groups(unwrap(self.student)))
+        self.step = DINOStep(
+            self.student,
+            self.teacher,
+            self.loss_fn,
+            self.optimizer,
+            precision=self.precision,
+            clip_grad=args.clip_grad,
+            freeze_last_layer=args.freeze_last_layer,
+        )
+        global_batch = args.batch_size_per_gpu * self.dist.world_size
+        total = args.epochs * self.niter_per_epoch
+        self.lr_schedule = cosine_scheduler(
+            scaled_lr(args.lr, global_batch),
+            args.min_lr,
+            args.epochs,
+            self.niter_per_epoch,
+            warmup_epochs=args.warmup_epochs,
+        )
+        self.wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, self.niter_per_epoch)
+        self.momentum_schedule = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, self.niter_per_epoch)
+        assert len(self.lr_schedule) == total
+        self.iteration = 0
+        self.last_good_checkpoint: str | None = None
+        self.preempt = PreemptionFlag()
+        self.log = RunLogger(
+            self.output_dir,
+            enabled=self.dist.is_main,
+            wandb_project=args.wandb_project,
+            wandb_name=args.wandb_name,
+            config=vars(args),
+        )
+        self.resumed = self.maybe_resume()
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            FORMAT_KEY: FORMAT_VERSION,
+            "student": unwrap(self.student).state_dict(),
+            "teacher": unwrap(self.teacher).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step.state_dict(),
+            "dino_loss": self.loss_fn.state_dict(),
+            "epoch": self.iteration // self.niter_per_epoch,
+            "iteration": self.iteration,
+            "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.args).items()},
+            "rng": rng_state(),
+        }
+
+    def save(self, extra_name: str | None = None) -> None:
+        """checkpoint.pth (atomically) on rank 0; RNG states are rank 0's (all ranks reseed from them)."""
+        if self.dist.is_main:
+            state = self.checkpoint_state()
+            atomic_save(state, self.checkpoint_path)
+            if extra_name:
+                atomic_save(state, self.output_dir / extra_name)
+            self.last_good_checkpoint = str(self.checkpoint_path)
+        barrier()
+
+    def maybe_resume(self) -> bool:
+        if not self.checkpoint_path.is_file():
+            return False
+        state = safe_load(self.checkpoint_path)
+        unwrap(self.student).load_state_dict(state["student"])
+        unwrap(self.teacher).load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step.load_state_dict(state.get("step", {}))
+        self.loss_fn.load_state_dict(state["dino_loss"])
+        self.iteration = int(state["iteration"])
+        if "rng" in state:
+            set_rng_state(state["rng"])
+            if self.dist.rank:  # other ranks keep distinct but reproducible streams
+                torch.manual_seed(self.args.seed + self.dist.rank + self.iteration)
+        self.last_good_checkpoint = str(self.checkpoint_path)
+        self.log.print(
+            f"resumed from {self.checkpoint_path} at epoch {self.iteration // self.niter_per_epoch}, "
+            f"iteration {self.iteration}"
+        )
+        return True
+
+    # -- training ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        args = self.args
+        last_stats: dict[str, Any] = {}
+        if not self.resumed and args.knn_baselines:
+            last_stats["knn_baselines"] = self.knn_baselines()
+        start_epoch = self.iteration // self.niter_per_epoch
+        run_start = time.perf_counter()
+        for epoch in range(start_epoch, args.epochs):
+            train_stats = self.train_one_epoch(epoch)
+            if train_stats is None:  # preempted: checkpoint written, exit cleanly
+                self.log.print(f"preempted: saved {self.checkpoint_path}, exiting")
+                self.log.finish()
+                return {"preempted": True}
+            keep = args.saveckp_freq and epoch % args.saveckp_freq == 0
+            self.save(extra_name=f"checkpoint{epoch:04}.pth" if keep else None)
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+            if self.dist.world_size > 1:
+                log_stats["teacher_rank_max_diff"] = self.teacher_rank_max_diff()
+            if self.knn_due(epoch):
+                log_stats["knn"] = self.online_knn()
+            self.log.log_epoch(log_stats, step=self.iteration)
+            last_stats = {**last_stats, **log_stats}
+        self.log.print(f"training time {format_seconds(time.perf_counter() - run_start)}")
+        self.log.finish()
+        return last_stats
+
+    @torch.no_grad()
+    def teacher_rank_max_diff(self) -> float:
+        """Largest difference between this run's teacher weights on any rank and on rank 0 (should be 0)."""
+        import torch.distributed as dist
+
+        params = [p.detach().flatten() for p in unwrap(self.teacher).parameters()]
+        local = torch.cat(params)
+        reference = local.clone()
+        dist.broadcast(reference, src=0)
+        diff = (local - reference).abs().max()
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        return float(diff.item())
+
+    def knn_due(self, epoch: int) -> bool:
+        every = self.args.eval_every
+        return epoch == self.args.epochs - 1 or (every > 0 and epoch % every == 0)
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float] | None:
+        args, niter = self.args, self.niter_per_epoch
+        start_batch = self.iteration - epoch * niter
+        self.sampler.set_epoch(epoch, start_batch=start_batch)
+        self.student.train()
+        self.teacher.train()
+        sums = torch.zeros(4, device=self.device)  # loss, entropy, kl, finite steps
+        consecutive_bad = torch.zeros((), device=self.device, dtype=torch.long)
+        skipped_images = 0
+        steps = 0
+        meter = Throughput()
+        self.log.start_epoch(epoch, args.epochs, niter, initial=start_batch)
+        epoch_start = time.perf_counter()
+        fetch_start = time.perf_counter()
+        for batch_index, (crops, _, num_bad) in enumerate(self.loader, start=start_batch):
+            skipped_images += int(num_bad)
+            meter.data_wait += time.perf_counter() - fetch_start
+            if crops is None:
+                fetch_start = time.perf_counter()
+                continue
+            crops = [c.to(self.device, non_blocking=True) for c in crops]
+            if self.device.type == "cuda" and args.arch.startswith(("resnet", "convnext")):
+                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+            it = self.iteration
+            stats = self.step(crops, epoch, self.lr_schedule[it], self.wd_schedule[it], self.momentum_schedule[it])
+            finite = stats.loss_is_finite
+            sums += torch.stack(
+                [
+                    torch.where(finite, stats.loss, 0.0),
+                    torch.where(finite, stats.teacher_entropy, 0.0),
+                    torch.where(finite, stats.kl, 0.0),
+                    finite.float(),
+                ]
+            )
+            consecutive_bad = torch.where(finite, torch.zeros_like(consecutive_bad), consecutive_bad + 1)
+            self.iteration += 1
+            steps += 1
+            meter.images += crops[0].shape[0] * self.dist.world_size
+
+            done = batch_index + 1
+            if done % args.log_every == 0 or done == niter:
+                self.check_finite(consecutive_bad)
+                self.report(epoch, done, niter, sums, steps, meter, epoch_start)
+                if self.preempted():
+                    self.save()
+                    return None
+            if args.save_every_steps and self.iteration % args.save_every_steps == 0 and done != niter:
+                self.save()
+            if (self.dist.world_size == 1 and self.preempt.raised) or self.reached_exit_iteration():
+                self.save()
+                return None
+            fetch_start = time.perf_counter()
+        self.log.end_epoch()
+        all_reduce_sum(sums)
+        total_skipped = all_reduce_sum(torch.tensor(float(skipped_images), device=self.device))
+        finite_steps = max(sums[3].item(), 1.0)
+        return {
+            "loss": sums[0].item() / finite_steps,
+            "entropy": sums[1].item() / finite_steps,
+            "KL_div": sums[2].item() / finite_steps,
+            "lr": float(self.lr_schedule[self.iteration - 1]),
+            "wd": float(self.wd_schedule[self.iteration - 1]),
+            "skipped_steps": int(steps * self.dist.world_size - sums[3].item()),
+            "unreadable_images": int(total_skipped.item()),
+        }
+
+    def reached_exit_iteration(self) -> bool:
+        return 0 < self.args.exit_after_iterations <= self.iteration
+
+    def preempted(self) -> bool:
+        flag = torch.tensor(float(self.preempt.raised), device=self.device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+    def check_finite(self, consecutive_bad: torch.Tensor) -> None:
+        bad = int(consecutive_bad.item())
+        if bad >= self.args.max_skipped_steps > 0:
+            where = self.last_good_checkpoint or "none was written yet"
+            raise TrainingStopped(
+                f"{bad} consecutive steps had a non-finite loss (their updates were skipped); stopping. "
+                f"Last good checkpoint: {where}. Try a lower --lr, --clip_grad, or --precision fp32."
+            )
+
+    def report(self, epoch, done, niter, sums, steps, meter, epoch_start) -> None:
+        averages = (sums / torch.clamp(sums[3], min=1.0)).tolist()
+        rate = meter.summary()
+        elapsed = time.perf_counter() - epoch_start
+        remaining_iters = (self.args.epochs * niter) - self.iteration
+        eta = elapsed / max(steps, 1) * remaining_iters
+        values = {
+            "loss": averages[0],
+            "lr": float(self.lr_schedule[self.iteration - 1]),
+            "img/s": rate["img_per_s"],
+            "data%": rate["data_wait_pct"],
+            "compute%": rate["compute_pct"],
+            "mem_GiB": peak_memory_gib(self.device),
+            "eta_s": eta,
+        }
+        self.log.progress(done, niter, epoch, values, step=self.iteration)
+        meter.reset()
+
+    # -- online k-NN ---------------------------------------------------------------------------------------
+    def knn_datasets(self):
+        from simpool.data import build_labelled_splits
+        from simpool.evaluation.features import eval_transform, evenly_spaced_subset
+
+        transform = eval_transform(self.args.global_crops_size)
+        try:
+            train, val = build_labelled_splits(self.args.data_path, transform=transform)
+        except DataError as err:
+            self.log.print(f"online k-NN skipped: {err}")
+            return None
+        limit = self.args.knn_max_images
+        return evenly_spaced_subset(train, limit), evenly_spaced_subset(val, limit)
+
+    def _knn_on(self, embed, datasets) -> dict[int, tuple[float, float]]:
+        from simpool.evaluation.features import extract_features
+        from simpool.evaluation.knn import knn_classifier
+
+        train, val = datasets
+        batch = max(self.args.batch_size_per_gpu, 64)
+        train_x, train_y = extract_features(embed, train, batch, self.args.num_workers, self.device)
+        val_x, val_y = extract_features(embed, val, batch, self.args.num_workers, self.device)
+        num_classes = int(max(train_y.max(), val_y.max()) + 1)
+        ks = [k for k in self.args.nb_knn if k <= len(train_x)]
+        return knn_classifier(train_x, train_y, val_x, val_y, ks, self.args.temperature, num_classes=num_classes)
+
+    def online_knn(self) -> dict[str, Any]:
+        datasets = self.knn_datasets()
+        if datasets is None:
+            return {}
+        results = self._knn_on(unwrap(self.teacher).backbone, datasets)
+        table = {str(k): [round(t1, 2), round(t5, 2)] for k, (t1, t5) in results.items()}
+        self.log.print("k-NN (teacher): " + "  ".join(f"{k}-NN top1 {v[0]:.2f}" for k, v in table.items()))
+        return table
+
+    def knn_baselines(self) -> dict[str, Any]:
+        """k-NN of the untrained teacher and of raw pixels, for comparison with the trained network."""
+        datasets = self.knn_datasets()
+        if datasets is None:
+            return {}
+        random_init = self._knn_on(unwrap(self.teacher).backbone, datasets)
+        pixels = self._knn_on(lambda images: images.flatten(1), datasets)
+        out = {
+            "random_init": {str(k): [round(a, 2), round(b, 2)] for k, (a, b) in random_init.items()},
+            "raw_pixels": {str(k): [round(a, 2), round(b, 2)] for k, (a, b) in pixels.items()},
+        }
+        self.log.log_epoch({"knn_baselines": out, "epoch": -1})
+        self.log.print(
+            "k-NN before training: "
+            + "  ".join(
+                f"{k}-NN random init {out['random_init'][k][0]:.2f} / raw pixels {out['raw_pixels'][k][0]:.2f}"
+                for k in out["random_init"]
+            )
+        )
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of train_dino.py; returns the process exit code (0 also after a preemption save)."""
+    try:
+        args = parse_args(argv)
+        trainer = Trainer(args)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        stats = trainer.fit()
+    except TrainingStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if stats.get("preempted"):
+        return 0
+    if trainer.dist.is_main and "knn" in stats and "knn_baselines" in stats:
+        print_demo_summary(stats)
+    return 0
+
+
+def print_demo_summary(stats: dict[str, Any]) -> None:
+    baselines, trained = stats["knn_baselines"], stats["knn"]
+    print("\nweighted k-NN top-1 (%) on the validation split")
+    print(f"{'k':>5} {'DINO+SimPool':>13} {'random init':>12} {'raw pixels':>11}")
+    for k in trained:
+        print(
+            f"{k:>5} {trained[k][0]:>13.2f} {baselines['random_init'][k][0]:>12.2f} "
+            f"{baselines['raw_pixels'][k][0]:>11.2f}"
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Run logging: console progress, ``log.txt`` JSON lines, and Weights & Biases.
+
+* Console: a tqdm bar when stdout is a terminal, plain lines otherwise (cluster logs stay readable).
+* ``output_dir/log.txt``: one JSON object per epoch, with the SimPool fork's keys (``train_loss``,
+  ``train_entropy``, ``train_KL_div``, ``train_lr``, ``train_wd``, ``epoch``, ``k-NN``) plus ours.
+* W&B when a project is given; ``WANDB_MODE=offline`` works without network.
+
+Only rank 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return 0.0
+
+
+class RunLogger:
+    """Progress lines/bars, JSON-lines epoch log and optional W&B, for the main process."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        enabled: bool = True,
+        wandb_project: str | None = None,
+        wandb_name: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.log_path = Path(output_dir) / "log.txt"
+        self.interactive = enabled and sys.stdout.isatty()
+        self.bar = None
+        self.wandb = None
+        if enabled and wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, name=wandb_name, config=config, dir=str(output_dir),
+                                    resume="allow")
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, initial: int = 0) -> None:
+        if self.interactive:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True)
+
+    def progress(self, step_in_epoch: int, steps_in_epoch: int, epoch: int, values: dict[str, float],
+                 step: int | None = None) -> None:
+        """One progress report: bar postfix on a terminal, one plain line otherwise."""
+        if not self.enabled:
+            return
+        if self.wandb is not None and step is not None:
+            self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+        if self.bar is not None:
+            self.bar.n = step_in_epoch
+            self.bar.set_postfix({k: _short(v) for k, v in values.items() if k != "eta_s"}, refresh=True)
+            return
+        text = "  ".join(f"{k} {_short(v)}" for k, v in values.items() if k != "eta_s")
+        eta = format_seconds(values.get("eta_s", 0))
+        print(f"epoch {epoch} [{step_in_epoch}/{steps_in_epoch}]  {text}  eta {eta}", flush=True)
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def log_epoch(self, stats: dict[str, Any], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(stats) + "\n")
+        if self.wandb is not None:
+            flat = {k: v for k, v in stats.items() if isinstance(v, int | float)}
+            for k, (top1, top5) in stats.get("knn", {}).items():
+                flat[f"knn/top1@{k}"], flat[f"knn/top5@{k}"] = top1, top5
+            self.wandb.log(flat, step=step)
+
+    def finish(self) -> None:
+        self.end_epoch()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class Throughput:
+    """Images/s and the split of wall time between waiting for data and the rest (the step)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.images = 0
+
+    def summary(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {
+            "img_per_s": self.images / elapsed,
+            "data_wait_pct": 100.0 * self.data_wait / elapsed,
+            "compute_pct": 100.0 * (elapsed - self.data_wait) / elapsed,
+        }

@@ -1,0 +1,208 @@
+"""train_dino.py end to end on tiny settings: runs, resume, preemption, DDP on gloo, bad data, bad flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simpool.dino.train import main
+from tests.conftest import REPO
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+                                   reason="Debian package dataset-fashion-mnist is not installed")
+
+TINY = [
+    "--arch", "vit_tiny", "--mode", "simpool", "--patch_size", "4",
+    "--model_overrides", "depth=1", "embed_dim=32", "num_heads=2",
+    "--global_crops_size", "16", "--local_crops_size", "8", "--local_crops_number", "2",
+    "--out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--use_bn_in_head", "False",
+    "--batch_size_per_gpu", "4", "--num_workers", "0", "--precision", "fp32", "--optimizer", "adamw",
+    "--lr", "0.001", "--min_lr", "1e-5", "--warmup_epochs", "0", "--warmup_teacher_temp_epochs", "0",
+    "--eval_every", "0", "--nb_knn", "1", "--knn_max_images", "20", "--log_every", "1",
+    "--drop_path_rate", "0.1", "--freeze_last_layer", "1",
+]
+FASHION_TINY = [*TINY, "--data_path", "fashion-mnist", "--subset", "2"]  # 20 images: 5 steps per epoch
+
+
+def run_cli(args: list[str], env_extra: dict | None = None, launcher: list[str] | None = None, **kwargs):
+    """Run train_dino.py in a subprocess, single-threaded so CPU results are bitwise reproducible."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    command = [*(launcher or [sys.executable]), str(REPO / "train_dino.py"), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def teacher(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["teacher"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@needs_fashion
+def test_short_run_writes_checkpoint_log_and_args(tmp_path):
+    out = tmp_path / "run"
+    code = main([*FASHION_TINY, "--epochs", "1", "--output_dir", str(out), "--knn_baselines", "True"])
+    assert code == 0
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["iteration"] == 5 and state["epoch"] == 1
+    assert {"student", "teacher", "optimizer", "dino_loss", "rng", "args", "step"} <= state.keys()
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert "knn_baselines" in lines[0]
+    epoch_log = lines[-1]
+    for key in ("train_loss", "train_entropy", "train_KL_div", "train_lr", "train_wd", "epoch", "knn"):
+        assert key in epoch_log
+    assert np.isfinite(epoch_log["train_loss"])
+    assert (out / "args.yaml").read_text().count("arch: vit_tiny") == 1
+    assert (out / "checkpoint0000.pth").is_file()
+
+
+@needs_fashion
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert run_cli([*FASHION_TINY, "--epochs", "2", "--output_dir", str(full)]).returncode == 0
+    for stop in (3, 5):  # mid-epoch, then exactly at the epoch boundary
+        result = run_cli([*FASHION_TINY, "--epochs", "2", "--output_dir", str(resumed),
+                          "--exit_after_iterations", str(stop)])
+        assert result.returncode == 0, result.stderr
+        assert torch.load(resumed / "checkpoint.pth", weights_only=True)["iteration"] == stop
+    result = run_cli([*FASHION_TINY, "--epochs", "2", "--output_dir", str(resumed)])
+    assert result.returncode == 0 and "resumed from" in result.stdout
+    assert_same_weights(teacher(full / "checkpoint.pth"), teacher(resumed / "checkpoint.pth"))
+
+
+@needs_fashion
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_dino.py"), *FASHION_TINY, "--epochs", "200",
+                             "--output_dir", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 0 [2/5]"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, output
+    assert "preempted" in output
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert 2 <= state["iteration"] < 1000
+    result = run_cli([*FASHION_TINY, "--epochs", "1", "--output_dir", str(out)])
+    assert result.returncode == 0 and "resumed from" in result.stdout
+
+
+def _photo_folder(root: Path, corrupt: bool) -> Path:
+    from skimage import data
+
+    photos = {"cat": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket(), "astronaut": data.astronaut()}
+    for split in ("train", "val"):
+        for name, pixels in photos.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            image = Image.fromarray(pixels)
+            for i in range(4 if split == "train" else 2):
+                image.crop((i * 10, i * 5, i * 10 + 120, i * 5 + 100)).resize((48, 40)).save(folder / f"{i}.jpg")
+    if corrupt:
+        (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path):
+    data = _photo_folder(tmp_path / "photos", corrupt=True)
+    out = tmp_path / "run"
+    args = [*TINY, "--data_path", str(data), "--epochs", "1", "--output_dir", str(out), "--nb_knn", "1", "3"]
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        assert main(args) == 0
+    epoch_log = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert epoch_log["train_unreadable_images"] == 1
+    assert set(epoch_log["knn"]) == {"1", "3"}  # train/ and val/ beside each other: online k-NN ran
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--arch", "vit_gigantic"], "--arch"),
+        (["--epochs", "-1"], "--epochs"),
+        (["--global_crops_scale", "0.4", "1.5"], "--global_crops_scale"),
+        (["--local_crops_scale", "0"], "--local_crops_scale"),
+        (["--data_path", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    ],
+)
+def test_bad_flags_fail_before_any_model_is_built(tmp_path, flags, message, capsys, monkeypatch):
+    import simpool.dino.train as train
+
+    built = []
+    monkeypatch.setattr(train, "build_student_teacher", lambda *a, **k: built.append(1))
+    base = [*TINY, "--data_path", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    assert main([*base, *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not built
+
+
+def test_missing_data_path_is_reported(capsys):
+    assert main([*TINY]) == 2
+    assert "--data_path" in capsys.readouterr().err
+
+
+def test_config_file_and_explicit_flags(tmp_path):
+    from simpool.dino.config import parse_args
+
+    config = tmp_path / "args.yaml"  # the fork's args.yaml style, tuples included
+    config.write_text("arch: convnext_small\nmode: simpool\ngamma: null\nglobal_crops_scale: !!python/tuple\n"
+                      "- 0.14\n- 1.0\nuse_fp16: false\nepochs: 7\nwarmup_teacher_temp_epochs: 2\n"
+                      "warmup_epochs: 1\n"
+                      "data_path: fashion-mnist\nbackend: nccl\n")
+    args = parse_args(["--config", str(config), "--epochs", "3"])
+    assert args.arch == "convnext_small" and args.gamma is None and args.epochs == 3
+    assert args.global_crops_scale == (0.14, 1.0) and args.use_fp16 is False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_fashion
+def test_two_gloo_processes_keep_identical_teachers(tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port())]
+    result = run_cli([*FASHION_TINY, "--subset", "4", "--epochs", "1", "--output_dir", str(out)], launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    epoch_log = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert epoch_log["teacher_rank_max_diff"] == 0.0
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 5  # 40 images / (2 x 4)
+
+
+@needs_fashion
+def test_two_nodes_rendezvous_on_localhost(tmp_path):
+    out = tmp_path / "nodes"
+    port = str(_free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    procs = []
+    for node_rank in (0, 1):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", port,
+                   str(REPO / "train_dino.py"), *FASHION_TINY, "--subset", "4", "--epochs", "1",
+                   "--output_dir", str(out)]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        time.sleep(0.5)
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    epoch_log = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert epoch_log["teacher_rank_max_diff"] == 0.0
