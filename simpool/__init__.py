@@ -6,8 +6,11 @@
 """
 
 from simpool.checkpoint import CheckpointError, load_pretrained
+from simpool.export import export_backbone, load_backbone
 from simpool.models import ARCHS, build_backbone
 from simpool.pooling import SimPool
 
 __version__ = "0.1.0"
-__all__ = ["ARCHS", "CheckpointError", "SimPool", "build_backbone", "load_pretrained"]
+__all__ = [
+    "ARCHS", "CheckpointError", "SimPool", "build_backbone", "export_backbone", "load_backbone", "load_pretrained",
+]
