@@ -1,0 +1,265 @@
+"""Command-line plumbing shared by ``eval_knn.py`` and ``eval_linear.py``.
+
+One place for what both evaluators do before the first image is embedded:
+
+* flags: the model (``--pretrained_weights``, ``--checkpoint_key``, ``--random_init`` and the backbone
+  flags of :func:`simpool.export.add_backbone_flags`), the data (``--data_path``, ``--image_size``, batch
+  size, workers) and the launcher (``--dist_url``, ``--local_rank``);
+* :func:`setup_distributed`: join the process group torchrun/SLURM describes and pick the device;
+* :func:`labelled_splits`: ``train/`` and ``val/`` with the same label space, checked before any model exists;
+* :func:`build_model`: a frozen backbone from a training checkpoint (flags win over its recorded args), an
+  export folder, or -- only on request -- random weights;
+* :func:`run_guarded`: bad input (``ValueError`` and its ``DataError`` / ``CheckpointError`` subclasses) found
+  while setting up becomes ``error: ...`` on stderr and exit code 2, as ``train_dino.py`` does.
+
+Example (the skeleton of both evaluators)::
+
+    >>> args = parser.parse_args(argv)
+    >>> dist_info = setup_distributed(args)
+    >>> train, val, num_classes = labelled_splits(args, eval_transform(args.image_size))
+    >>> model, source = build_model(args, dist_info.device)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from simpool.data import build_labelled_splits
+from simpool.distributed import DistInfo, init_distributed, is_main_process
+from simpool.export import (
+    NOT_GIVEN,
+    add_backbone_flags,
+    backbone_flags,
+    build_from_checkpoint,
+    is_export_dir,
+    load_any_backbone,
+    resolve_spec,
+)
+from simpool.models import build_backbone
+
+# What --random_init builds when --arch / --mode are not given (DINO's default arch, this project's mode).
+RANDOM_INIT_DEFAULTS = {"arch": "vit_small", "mode": "simpool"}
+
+
+class EvalSetupError(ValueError):
+    """A flag combination the evaluators cannot run; the message says which flag to change."""
+
+
+@dataclass
+class ModelSource:
+    """Where the evaluated weights came from: printed, and written into the result files."""
+
+    weights: str | None  # the checkpoint file / export folder, None for --random_init
+    checkpoint_key: str | None
+    arch: str
+    mode: str
+    gamma: float | None
+    epoch: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flags
+# ----------------------------------------------------------------------------------------------------------
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--pretrained_weights, --checkpoint_key, --random_init, and --arch/--mode/--gamma/--patch_size/...
+
+    Model flags left out are read from the checkpoint's recorded training args (flags given win).
+    """
+    group = parser.add_argument_group("weights")
+    group.add_argument(
+        "--pretrained_weights",
+        default="",
+        type=str,
+        help="training checkpoint (ours or DINO's / the SimPool fork's), backbone-only "
+        "file, or a folder written by utils/export_backbone.py",
+    )
+    group.add_argument(
+        "--checkpoint_key",
+        default="teacher",
+        choices=["teacher", "student"],
+        help="which network of a training checkpoint to evaluate",
+    )
+    group.add_argument(
+        "--random_init",
+        action="store_true",
+        help="evaluate randomly initialised weights on purpose (a baseline); without it, a "
+        "missing --pretrained_weights is an error",
+    )
+    add_backbone_flags(parser, what="the weights")
+
+
+def add_data_flags(parser: argparse.ArgumentParser, batch_size: int = 128) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data_path",
+        default=None,
+        type=str,
+        help="root holding train/ and val/ class folders (ImageFolder), or fashion-mnist",
+    )
+    group.add_argument(
+        "--image_size",
+        default=224,
+        type=int,
+        help="evaluation crop side; the resize before it is 256/224 of it (DINO: 256 -> 224)",
+    )
+    group.add_argument("--batch_size_per_gpu", default=batch_size, type=int, help="images per process")
+    group.add_argument("--num_workers", default=10, type=int, help="data loading workers per process")
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("distributed")
+    group.add_argument(
+        "--dist_url", default="env://", type=str, help="process-group init method (torchrun: env://)"
+    )
+    group.add_argument(
+        "--local_rank", "--local-rank", default=0, type=int, help="set by the launcher; ignore"
+    )
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` plus the checks every evaluator needs before it touches data or weights."""
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    for name in ("image_size", "batch_size_per_gpu"):
+        if getattr(args, name) <= 0:
+            raise EvalSetupError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        raise EvalSetupError(f"--num_workers must be >= 0, got {args.num_workers}")
+    return args
+
+
+def require_weights(args: argparse.Namespace) -> None:
+    """The reference silently evaluated random weights when ``--pretrained_weights`` was missing."""
+    if args.random_init and args.pretrained_weights:
+        raise EvalSetupError("--random_init and --pretrained_weights exclude each other: drop one")
+    if not args.random_init and not args.pretrained_weights:
+        raise EvalSetupError(
+            "no --pretrained_weights given: pass a checkpoint or export folder, or --random_init to evaluate "
+            "randomly initialised weights on purpose"
+        )
+
+
+def require_data_path(args: argparse.Namespace) -> None:
+    if not args.data_path:
+        raise EvalSetupError(
+            "--data_path is required: a root holding train/ and val/ class folders, or fashion-mnist"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# set-up
+# ----------------------------------------------------------------------------------------------------------
+def setup_distributed(args: argparse.Namespace) -> DistInfo:
+    """Join the launcher's process group (or run alone) and pick this process's device."""
+    dist_info = init_distributed(args.dist_url)
+    if dist_info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels once
+    return dist_info
+
+
+def num_classes_of(dataset: Dataset) -> int:
+    """Number of classes: the folder count of an ImageFolder (empty classes included), else max label + 1."""
+    classes = getattr(dataset, "classes", None)
+    if classes:
+        return len(classes)
+    return int(max(dataset.targets)) + 1
+
+
+def labelled_splits(
+    args: argparse.Namespace,
+    transform: Callable,
+    val_transform: Callable | None = None,
+    subset: int | None = None,
+) -> tuple[Dataset, Dataset, int]:
+    """(train, val, number of classes) from ``--data_path``; a ``DataError`` names the folders at fault."""
+    require_data_path(args)
+    train, val = build_labelled_splits(
+        args.data_path, transform=transform, val_transform=val_transform, subset=subset
+    )
+    return train, val, num_classes_of(train)
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, ModelSource]:
+    """The frozen backbone to evaluate, in eval mode on ``device``, and where its weights came from.
+
+    * a training checkpoint or backbone-only file: ``--arch``/``--mode``/``--gamma``/``--patch_size``/
+      ``--model_overrides`` given on the command line win over the run's recorded args; keys that do not fit
+      raise :class:`simpool.checkpoint.CheckpointError` listing missing/unexpected keys and a hint;
+    * an export folder: its ``config.json`` fixes the model (model flags must be left out);
+    * ``--random_init``: built from the flags, defaulting to ``vit_small`` in ``simpool`` mode.
+    """
+    flags = backbone_flags(args)
+    weights = args.pretrained_weights or None
+    epoch = None
+    if args.random_init:
+        spec = resolve_spec(RANDOM_INIT_DEFAULTS, source="--random_init", **_spec_kwargs(flags))
+        model = build_backbone(
+            spec.arch, mode=spec.mode, gamma=spec.gamma, patch_size=spec.patch_size, **spec.overrides
+        )
+        key = None
+    elif is_export_dir(weights):
+        model, key = load_any_backbone(weights, **flags), None
+    else:
+        model, loaded = build_from_checkpoint(weights, args.checkpoint_key, **flags)
+        key, epoch = loaded.key, loaded.epoch
+    model = model.to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    source = ModelSource(weights, key, model.arch, model.mode, model.gamma, epoch)
+    return model, source
+
+
+def _spec_kwargs(flags: dict[str, Any]) -> dict[str, Any]:
+    """backbone_flags() output -> resolve_spec() keywords (timm overrides gathered under ``overrides``)."""
+    named = ("arch", "mode", "gamma", "patch_size")
+    spec = {name: flags[name] for name in named}
+    spec["overrides"] = {k: v for k, v in flags.items() if k not in named}
+    if spec["gamma"] is NOT_GIVEN:
+        spec["gamma"] = "auto"
+    return spec
+
+
+def results_folder(weights: str | os.PathLike) -> Path:
+    """Where result files go beside the weights: the export folder itself, or the checkpoint's folder."""
+    path = Path(weights)
+    return path if path.is_dir() else path.parent
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Main process only; written to a temporary name first so readers never see half a file."""
+    if not is_main_process():
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_guarded(setup: Callable[[], Any]) -> tuple[Any, int | None]:
+    """Call ``setup()``; on bad input print ``error: ...`` and return exit code 2 instead of a traceback.
+
+    Returns ``(value, None)`` on success and ``(None, 2)`` on a ``ValueError`` (``DataError``,
+    ``CheckpointError`` and ``EvalSetupError`` are ValueErrors) or an argparse error. Only set-up code goes
+    through here: an error during the evaluation itself is a bug and keeps its traceback.
+    """
+    try:
+        return setup(), None
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None, 2
+    except SystemExit as exit_:  # argparse has printed its usage message already
+        return None, exit_.code if isinstance(exit_.code, int) else 2

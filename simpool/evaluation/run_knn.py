@@ -1,0 +1,241 @@
+"""Weighted k-NN evaluation of a frozen backbone (DINO's ``eval_knn.py``), behind ``eval_knn.py``.
+
+Protocol: embed ``train/`` and ``val/`` with the evaluation transform (resize to 256/224 of ``--image_size``,
+centre crop), take the backbone's output (the SimPool vector, or the [CLS] token in official mode),
+L2-normalise it, and classify every val image by the temperature-weighted vote of its ``k`` nearest train
+images (formula in :mod:`simpool.evaluation.knn`). One search serves every ``--nb_knn``.
+
+Results are printed as a table and written to ``knn.json`` beside the weights (the export folder, or the
+checkpoint's folder), or into ``--output_dir`` when given.
+
+Usage::
+
+    torchrun --nproc_per_node=4 eval_knn.py --pretrained_weights runs/vits/checkpoint.pth \
+        --data_path /imagenet
+    python -m simpool.evaluation.run_knn --random_init --arch vit_small --data_path fashion-mnist
+
+``--dump_features DIR`` saves ``DIR/train.pth`` and ``DIR/val.pth`` ({"features", "labels"}, normalised);
+``--load_features DIR`` reads them back and runs the k-NN without a model or images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from simpool.dino.config import bool_flag
+from simpool.distributed import DistInfo, barrier, cleanup, is_main_process
+from simpool.evaluation.common import (
+    EvalSetupError,
+    add_data_flags,
+    add_distributed_flags,
+    add_model_flags,
+    build_model,
+    labelled_splits,
+    parse_flags,
+    require_weights,
+    results_folder,
+    run_guarded,
+    setup_distributed,
+    write_json,
+)
+from simpool.evaluation.features import eval_transform, extract_features, load_features, save_features
+from simpool.evaluation.knn import knn_classifier
+
+RESULTS_FILE = "knn.json"
+SPLIT_FILES = {"train": "train.pth", "val": "val.pth"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Weighted k-NN evaluation on frozen features (DINO protocol)")
+    add_model_flags(parser)
+    add_data_flags(parser, batch_size=128)
+    group = parser.add_argument_group("k-NN")
+    group.add_argument(
+        "--nb_knn",
+        default=[10, 20, 100, 200],
+        nargs="+",
+        type=int,
+        help="numbers of neighbours (all served by one search)",
+    )
+    group.add_argument("--temperature", default=0.07, type=float, help="temperature T of the exp(s / T) vote")
+    group.add_argument(
+        "--use_cuda",
+        default=True,
+        type=bool_flag,
+        help="search on the GPU when the features are there (False: faiss on the CPU)",
+    )
+    group.add_argument(
+        "--dump_features",
+        default=None,
+        help="save the normalised train/val features and labels into this folder",
+    )
+    group.add_argument(
+        "--load_features",
+        default=None,
+        help="read features saved by --dump_features from this folder and skip the model",
+    )
+    group.add_argument(
+        "--output_dir", default=None, help=f"folder for {RESULTS_FILE} (default: beside --pretrained_weights)"
+    )
+    add_distributed_flags(parser)
+    return parser
+
+
+def check_knn_flags(args: argparse.Namespace) -> None:
+    if any(k < 1 for k in args.nb_knn):
+        raise EvalSetupError(f"--nb_knn values must be positive, got {args.nb_knn}")
+    if not args.temperature > 0:
+        raise EvalSetupError(f"--temperature must be > 0, got {args.temperature}")
+    if args.load_features:
+        folder = Path(args.load_features)
+        missing = [str(folder / name) for name in SPLIT_FILES.values() if not (folder / name).is_file()]
+        if missing:
+            raise EvalSetupError(
+                f"--load_features: {', '.join(missing)} not found (write them with --dump_features)"
+            )
+    else:
+        require_weights(args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# features
+# ----------------------------------------------------------------------------------------------------------
+def prepare(
+    args: argparse.Namespace, dist_info: DistInfo
+) -> tuple[dict[str, Dataset], nn.Module, dict[str, Any]]:
+    """The data splits, then the model: bad data stop the run before the model is built, and weights that do
+    not fit stop it before anything is embedded."""
+    train, val, num_classes = labelled_splits(args, eval_transform(args.image_size))
+    model, source = build_model(args, dist_info.device)
+    if is_main_process():
+        print(
+            f"evaluating {source.arch} ({source.mode} mode, gamma {source.gamma}) from "
+            f"{source.weights or 'random initialisation'}: {len(train)} train / {len(val)} val images, "
+            f"{num_classes} classes"
+        )
+    info = {**source.as_dict(), "num_classes": num_classes, "image_size": args.image_size}
+    return {"train": train, "val": val}, model, info
+
+
+def embed_splits(
+    args: argparse.Namespace, datasets: dict[str, Dataset], model: nn.Module, device: torch.device
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"train": (features, labels), "val": ...}: L2-normalised backbone outputs, on every rank."""
+    return {
+        name: extract_features(model, dataset, args.batch_size_per_gpu, args.num_workers, device)
+        for name, dataset in datasets.items()  # normalize=True: k-NN compares cosine similarities
+    }
+
+
+def read_dumped_features(folder: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: load_features(Path(folder) / file) for name, file in SPLIT_FILES.items()}
+
+
+def dump_features(folder: str, splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    if is_main_process():
+        for name, file in SPLIT_FILES.items():
+            save_features(Path(folder) / file, *splits[name])
+        print(f"features saved in {folder}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# k-NN and report
+# ----------------------------------------------------------------------------------------------------------
+def usable_ks(nb_knn: list[int], bank_size: int) -> list[int]:
+    """The requested k that fit in the bank (else the whole bank): a k above it has too few neighbours."""
+    ks = [k for k in dict.fromkeys(nb_knn) if k <= bank_size]
+    if len(ks) < len(set(nb_knn)):
+        print(f"note: k > {bank_size} skipped: there are only {bank_size} train images")
+    return ks or [bank_size]
+
+
+def format_table(results: dict[int, tuple[float, float]], temperature: float) -> str:
+    lines = [f"weighted k-NN, T = {temperature}", f"{'k':>6} {'top-1':>8} {'top-5':>8}"]
+    lines += [f"{k:>6} {top1:>8.2f} {top5:>8.2f}" for k, (top1, top5) in results.items()]
+    return "\n".join(lines)
+
+
+def run_knn(args: argparse.Namespace, splits: dict[str, tuple], device: torch.device) -> dict[int, tuple]:
+    """{k: (top1, top5)} for every usable --nb_knn from one search; on the GPU with --use_cuda and a GPU."""
+    train_x, train_y = splits["train"]
+    val_x, val_y = splits["val"]
+    if not (args.use_cuda and device.type == "cuda"):
+        device = torch.device("cpu")  # faiss' BLAS search
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    ks = usable_ks(args.nb_knn, train_x.shape[0])
+    return knn_classifier(
+        train_x.to(device),
+        train_y.to(device),
+        val_x.to(device),
+        val_y.to(device),
+        ks,
+        args.temperature,
+        num_classes=num_classes,
+    )
+
+
+def results_path(args: argparse.Namespace) -> Path | None:
+    if args.output_dir:
+        return Path(args.output_dir) / RESULTS_FILE
+    if args.pretrained_weights:
+        return results_folder(args.pretrained_weights) / RESULTS_FILE
+    if args.load_features:
+        return Path(args.load_features) / RESULTS_FILE
+    return None  # --random_init without --output_dir: no weights to write beside
+
+
+def report(
+    args: argparse.Namespace, splits: dict[str, tuple], results: dict[int, tuple], info: dict[str, Any]
+) -> None:
+    print(format_table(results, args.temperature))
+    path = results_path(args)
+    if path is None:
+        return
+    write_json(
+        path,
+        {
+            **info,
+            "temperature": args.temperature,
+            "num_train": int(splits["train"][0].shape[0]),
+            "num_val": int(splits["val"][0].shape[0]),
+            "results": {str(k): {"top1": top1, "top5": top5} for k, (top1, top5) in results.items()},
+        },
+    )
+    print(f"results written to {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of eval_knn.py; returns the exit code (2: bad input, reported before any extraction)."""
+    args, error = run_guarded(lambda: parse_flags(get_args_parser(), argv))
+    if error is None:
+        _, error = run_guarded(lambda: check_knn_flags(args))
+    if error is not None:
+        return error
+    dist_info = setup_distributed(args)
+    if args.load_features:
+        splits, info = read_dumped_features(args.load_features), {"features": args.load_features}
+    else:
+        prepared, error = run_guarded(lambda: prepare(args, dist_info))
+        if error is not None:
+            cleanup()
+            return error
+        datasets, model, info = prepared
+        splits = embed_splits(args, datasets, model, dist_info.device)
+        if args.dump_features:
+            dump_features(args.dump_features, splits)
+    if is_main_process():  # every rank holds all the features: one search is enough
+        report(args, splits, run_knn(args, splits, dist_info.device), info)
+    barrier()
+    cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
