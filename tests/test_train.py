@@ -206,3 +206,11 @@ def test_two_nodes_rendezvous_on_localhost(tmp_path):
     assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
     epoch_log = json.loads((out / "log.txt").read_text().splitlines()[-1])
     assert epoch_log["teacher_rank_max_diff"] == 0.0
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_parse(config):
+    from simpool.dino.config import parse_args
+
+    args = parse_args(["--config", str(config), "--data_path", "fashion-mnist"])
+    assert args.epochs > 0 and args.arch

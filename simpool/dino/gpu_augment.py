@@ -45,7 +45,13 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import roi_align
 
-from simpool.dino.augment import ViewParams, apply_crop_decisions, dino_view_recipes, sample_views
+from simpool.dino.augment import (
+    ViewParams,
+    apply_crop_decisions,
+    dino_view_recipes,
+    pil_to_uint8_chw,
+    sample_views,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # CPU side: read + decode only
@@ -218,3 +224,36 @@ def render_crops(source: Tensor, size: int, params: ViewParams) -> Tensor:
     crops = roi_align(source, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
     return apply_crop_decisions(crops, params)
+
+
+class DecodeForGPU:
+    """Dataset transform of the batched path: PIL image -> (3, H, W) uint8, large photos reduced on the CPU.
+
+    Photos whose longer side exceeds ``2 * max_side`` are shrunk by an integer factor (``Image.reduce``, a
+    cheap box filter) so a padded batch stays small; DINO's crops are at most 224 px, so ``max_side=512``
+    keeps every crop at or above its output resolution for the usual crop scales.
+    """
+
+    def __init__(self, max_side: int = 512) -> None:
+        self.max_side = max_side
+
+    def __call__(self, image) -> Tensor:
+        factor = max(image.size) // self.max_side
+        if factor >= 2:
+            image = image.reduce(factor)
+        return pil_to_uint8_chw(image)
+
+
+def collate_padded_skip_bad(samples):
+    """``collate_skip_bad`` for the batched path: drop unreadable files, pad the rest into one uint8 batch.
+
+    Returns ``CollatedBatch(images=(padded, sizes), labels, num_skipped)``.
+    """
+    from simpool.data import BadSample, CollatedBatch
+
+    good = [s for s in samples if not isinstance(s, BadSample)]
+    num_skipped = torch.tensor(len(samples) - len(good), dtype=torch.int64)
+    if not good:
+        return CollatedBatch(None, None, num_skipped)
+    padded, sizes, labels = collate_padded(good)
+    return CollatedBatch((padded, sizes), labels, num_skipped)

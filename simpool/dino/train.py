@@ -30,6 +30,7 @@ from simpool.checkpoint import FORMAT_KEY, FORMAT_VERSION, CheckpointError, atom
 from simpool.data import DataError, ResumableDistributedSampler, build_dataset, collate_skip_bad, seed_worker
 from simpool.dino.augment import DataAugmentationDINO
 from simpool.dino.config import ConfigError, args_to_yaml, parse_args, resolve_precision
+from simpool.dino.gpu_augment import DecodeForGPU, GPUMultiCrop, collate_padded_skip_bad
 from simpool.dino.head import DINOHead, MultiCropWrapper
 from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
@@ -61,11 +62,11 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device) -> tup
     )
     teacher_backbone = build_backbone(args.arch, mode=args.mode, gamma=gamma, patch_size=args.patch_size, **overrides)
     embed_dim = student_backbone.embed_dim
-    student = MultiCropWrapper(
-        student_backbone,
-        DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer),
-    )
-    teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head))
+    head_kwargs = {"use_bn": args.use_bn_in_head, "nlayers": args.head_nlayers, "hidden_dim": args.head_hidden_dim,
+                   "bottleneck_dim": args.head_bottleneck_dim}
+    student_head = DINOHead(embed_dim, args.out_dim, norm_last_layer=args.norm_last_layer, **head_kwargs)
+    student = MultiCropWrapper(student_backbone, student_head)
+    teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, args.out_dim, **head_kwargs))
     student, teacher = student.to(device), teacher.to(device)
     if device.type == "cuda" and args.arch.startswith(("resnet", "convnext")):
         student = student.to(memory_format=torch.channels_last)
@@ -95,45 +96,46 @@ def wrap_for_training(student: nn.Module, teacher: nn.Module, dist_info: DistInf
     return student, teacher
 
 
+def use_gpu_augment(args: argparse.Namespace, device: torch.device) -> bool:
+    """The batched multi-crop runs on the GPU by default on CUDA; CPU workers then only decode."""
+    return args.gpu_augment if args.gpu_augment is not None else device.type == "cuda"
+
+
 def build_train_loader(args: argparse.Namespace, dist_info: DistInfo) -> tuple[DataLoader, ResumableDistributedSampler]:
-    transform = DataAugmentationDINO(
-        args.global_crops_scale,
-        args.local_crops_scale,
-        args.local_crops_number,
-        global_crops_size=args.global_crops_size,
-        local_crops_size=args.local_crops_size,
-    )
-    dataset = build_dataset(
-        args.data_path, "train", transform=transform, subset=args.subset if args.subset > 0 else None
-    )
+    """Shuffled, resumable loader; crops made by the workers (CPU path) or later on the device (GPU path)."""
+    if use_gpu_augment(args, dist_info.device):
+        transform, collate = DecodeForGPU(), collate_padded_skip_bad
+    else:
+        transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                         global_crops_size=args.global_crops_size,
+                                         local_crops_size=args.local_crops_size)
+        collate = collate_skip_bad
+    dataset = build_dataset(args.data_path, "train", transform=transform,
+                            subset=args.subset if args.subset > 0 else None)
     if len(dataset) < args.batch_size_per_gpu * dist_info.world_size:
-        raise DataError(
-            f"{args.data_path} holds {len(dataset)} images, fewer than one global batch "
-            f"({args.batch_size_per_gpu} x {dist_info.world_size}); lower --batch_size_per_gpu"
-        )
-    sampler = ResumableDistributedSampler(
-        dataset,
-        batch_size=args.batch_size_per_gpu,
-        num_replicas=dist_info.world_size,
-        rank=dist_info.rank,
-        shuffle=True,
-        seed=args.seed,
-        drop_last=True,
-    )
+        raise DataError(f"{args.data_path} holds {len(dataset)} images, fewer than one global batch "
+                        f"({args.batch_size_per_gpu} x {dist_info.world_size}); lower --batch_size_per_gpu")
+    sampler = ResumableDistributedSampler(dataset, batch_size=args.batch_size_per_gpu,
+                                          num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                          shuffle=True, seed=args.seed, drop_last=True)
     generator = torch.Generator().manual_seed(args.seed + dist_info.rank)
-    loader = DataLoader(
-        dataset,
-        batch_size=args.batch_size_per_gpu,
-        sampler=sampler,
-        num_workers=args.num_workers,
-        pin_memory=dist_info.device.type == "cuda",
-        drop_last=True,
-        collate_fn=collate_skip_bad,
-        worker_init_fn=seed_worker,
-        generator=generator,
-        persistent_workers=False,
-    )
+    loader = DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
+                        num_workers=args.num_workers, pin_memory=dist_info.device.type == "cuda",
+                        drop_last=True, collate_fn=collate, worker_init_fn=seed_worker,
+                        generator=generator, persistent_workers=False)
     return loader, sampler
+
+
+def build_dino_step(args: argparse.Namespace, dist_info: DistInfo, precision: str,
+                    compile_models: bool) -> DINOStep:
+    """Student, teacher, loss and optimizer wired into one ``DINOStep`` (shared with benchmarks/train_step.py)."""
+    student, teacher, _ = build_student_teacher(args, dist_info.device)
+    student, teacher = wrap_for_training(student, teacher, dist_info, compile_models)
+    loss_fn = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
+                       args.warmup_teacher_temp_epochs, args.epochs).to(dist_info.device)
+    optimizer = build_optimizer(args.optimizer, get_params_groups(unwrap(student)))
+    return DINOStep(student, teacher, loss_fn, optimizer, precision=precision, clip_grad=args.clip_grad,
+                    freeze_last_layer=args.freeze_last_layer)
 
 
 def set_seeds(seed: int) -> None:
@@ -201,27 +203,15 @@ class Trainer:
         self.loader, self.sampler = build_train_loader(args, self.dist)  # fails early on bad data paths
         self.niter_per_epoch = len(self.sampler) // args.batch_size_per_gpu
         self.precision = resolve_precision(args, self.device.type == "cuda")
-        student, teacher, self.embed_dim = build_student_teacher(args, self.device)
         compile_models = args.compile if args.compile is not None else self.device.type == "cuda"
-        self.student, self.teacher = wrap_for_training(student, teacher, self.dist, compile_models)
-        self.loss_fn = DINOLoss(
-            args.out_dim,
-            args.local_crops_number + 2,
-            args.warmup_teacher_temp,
-            args.teacher_temp,
-            args.warmup_teacher_temp_epochs,
-            args.epochs,
-        ).to(self.device)
-        self.optimizer = build_optimizer(args.optimizer, get_params_groups(unwrap(self.student)))
-        self.step = DINOStep(
-            self.student,
-            self.teacher,
-            self.loss_fn,
-            self.optimizer,
-            precision=self.precision,
-            clip_grad=args.clip_grad,
-            freeze_last_layer=args.freeze_last_layer,
-        )
+        self.step = build_dino_step(args, self.dist, self.precision, compile_models)
+        self.student, self.teacher = self.step.student, self.step.teacher
+        self.loss_fn, self.optimizer = self.step.loss_fn, self.step.optimizer
+        self.gpu_multicrop = None
+        if use_gpu_augment(args, self.device):
+            self.gpu_multicrop = GPUMultiCrop(args.global_crops_scale, args.local_crops_scale,
+                                              args.local_crops_number, args.global_crops_size,
+                                              args.local_crops_size)
         global_batch = args.batch_size_per_gpu * self.dist.world_size
         total = args.epochs * self.niter_per_epoch
         self.lr_schedule = cosine_scheduler(
@@ -356,7 +346,11 @@ class Trainer:
             if crops is None:
                 fetch_start = time.perf_counter()
                 continue
-            crops = [c.to(self.device, non_blocking=True) for c in crops]
+            if self.gpu_multicrop is not None:
+                padded, sizes = crops
+                crops = self.gpu_multicrop(padded.to(self.device, non_blocking=True), sizes)
+            else:
+                crops = [c.to(self.device, non_blocking=True) for c in crops]
             if self.device.type == "cuda" and args.arch.startswith(("resnet", "convnext")):
                 crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
             it = self.iteration
