@@ -112,11 +112,11 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (
             "accuracy needs output (B, C) and target (B,), "
             f"got {tuple(output.shape)} and {tuple(target.shape)}"
         )
-    counts = _num_correct(output, target, topk)
+    counts = num_correct(output, target, topk)
     return [count * 100.0 / output.shape[0] for count in counts.tolist()]
 
 
-def _num_correct(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int]) -> torch.Tensor:
+def num_correct(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int]) -> torch.Tensor:
     """Correct counts ``(..., len(topk))`` for logits ``(..., B, C)``; leading dims are heads."""
     max_k = min(max(topk), output.shape[-1])
     ranked = output.topk(max_k, dim=-1).indices
@@ -159,12 +159,12 @@ def fit_multi_lr(
                 logits.reshape(-1, model.num_labels), y.repeat(model.num_heads), reduction="sum"
             ) / y.shape[0]
             grads = torch.autograd.grad(loss, params)
-            _sgd_step(params, grads, momentum_buffers, head_lrs, momentum, weight_decay)
+            sgd_step_per_head(params, grads, momentum_buffers, head_lrs, momentum, weight_decay)
     return model
 
 
 @torch.no_grad()
-def _sgd_step(
+def sgd_step_per_head(
     params: list[torch.Tensor],
     grads: Sequence[torch.Tensor],
     momentum_buffers: list[torch.Tensor],
@@ -194,7 +194,7 @@ def _evaluate_heads(
         x = features[start : start + batch_size].to(device)
         y = labels[start : start + batch_size].to(device)
         logits = model(x)
-        correct += _num_correct(logits, y, (1, 5))
+        correct += num_correct(logits, y, (1, 5))
         loss_sum += F.cross_entropy(
             logits.transpose(1, 2), y.expand(model.num_heads, -1), reduction="none"
         ).sum(dim=1)

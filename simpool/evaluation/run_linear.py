@@ -71,9 +71,9 @@ from simpool.evaluation.features import (
 )
 from simpool.evaluation.linear import (
     MultiLRLinear,
-    _num_correct,
-    _sgd_step,
     cosine_epoch_lr,
+    num_correct,
+    sgd_step_per_head,
     train_linear_on_features,
 )
 
@@ -326,7 +326,7 @@ def train_one_epoch(
             p.grad = None
         # Heads share no weights, so the gradient of the sum is each head's own mean-CE gradient.
         per_head.sum().backward()
-        _sgd_step(params, [p.grad for p in params], momentum, head_lrs, MOMENTUM, 0.0)
+        sgd_step_per_head(params, [p.grad for p in params], momentum, head_lrs, MOMENTUM, 0.0)
         loss_sum += per_head.detach()
         batches += 1
     return all_reduce_sum(loss_sum) / all_reduce_sum(torch.tensor(float(max(batches, 1)), device=device))
@@ -356,7 +356,7 @@ def evaluate(
             continue
         targets = targets.to(device)
         logits = heads(features(images.to(device)))
-        totals[:, :2] += _num_correct(logits, targets, (1, 5))
+        totals[:, :2] += num_correct(logits, targets, (1, 5))
         totals[:, 2] += F.cross_entropy(
             logits.transpose(1, 2), targets.expand(heads.num_heads, -1), reduction="none"
         ).sum(dim=1)

@@ -1,0 +1,34 @@
+"""The benchmark scripts run (tiny sizes on CPU); the full-size runs are measured by hand (benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def run_script(*args: str, timeout: int = 300) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_train_step_benchmark_runs_on_cpu():
+    out = run_script("benchmarks/train_step.py", "--tiny", "--cases", "vit_small_simpool", "--steps", "2",
+                     "--warmup", "1", "--local_crops", "2")
+    assert "ratio ours/reference" in out
+
+
+@pytest.mark.slow
+def test_knn_benchmark_agrees_with_reference():
+    out = run_script("benchmarks/knn.py", "--n_train", "2000", "--n_test", "500", "--classes", "10")
+    assert "100.00" in out
+
+
+@pytest.mark.slow
+def test_data_pipeline_benchmark_runs():
+    out = run_script("benchmarks/data_pipeline.py", "--rounds", "1", "--images", "2")
+    assert "reference" in out
