@@ -154,22 +154,29 @@ def build_executor(args: argparse.Namespace) -> submitit.AutoExecutor:
     return executor
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        command = train_argv(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def submit_job(args: argparse.Namespace) -> submitit.Job:
+    """Submit one ``DINOJob`` for parsed submit.py flags and return submitit's handle on it.
+
+    Raises ValueError for flags that cannot work (``--output_dir`` after ``--``, ``--local`` on several nodes).
+    """
+    command = train_argv(args)
     if args.local and args.nodes != 1:
-        print("error: --local runs on this machine: use --nodes 1", file=sys.stderr)
-        return 2
+        raise ValueError("--local runs on this machine: use --nodes 1")
     # The job unpickles DINOJob and imports simpool on the compute node: put this checkout (and launch/) on
     # its path. sbatch and the local executor both pass the submitting environment on.
     path = [str(REPO), str(REPO / "launch"), os.environ.get("PYTHONPATH", "")]
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    job = build_executor(args).submit(DINOJob(command))
+    return build_executor(args).submit(DINOJob(command))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        job = submit_job(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"submitted job {job.job_id}; logs in {Path(args.output_dir) / 'submitit' / str(job.job_id)}")
     if args.wait:
         print(f"job {job.job_id} returned {job.result()}")
