@@ -24,6 +24,7 @@ import torch
 from torch.nn.functional import normalize
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.reference_knn import reference_knn  # noqa: E402
 from simpool.evaluation.knn import knn_classifier, knn_predict  # noqa: E402
 
 KS = (10, 20, 100, 200)
@@ -47,55 +48,14 @@ def clustered_features(
     return train_features, train_labels, test_features, test_labels
 
 
-@torch.no_grad()
-def reference_knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes):
-    """The reference algorithm, step for step; also returns the top-1 predictions for comparison."""
-    top1, top5, total = 0.0, 0.0, 0
-    train_features = train_features.t()
-    num_test_images, num_chunks = test_labels.shape[0], 500
-    imgs_per_chunk = num_test_images // num_chunks  # 0 below 500 queries: the reference crashes there
-    retrieval_one_hot = torch.zeros(k, num_classes).to(train_features.device)
-    first_predictions = []
-    for idx in range(0, num_test_images, imgs_per_chunk):
-        features = test_features[idx : min((idx + imgs_per_chunk), num_test_images), :]
-        targets = test_labels[idx : min((idx + imgs_per_chunk), num_test_images)]
-        batch_size = targets.shape[0]
-
-        similarity = torch.mm(features, train_features)
-        distances, indices = similarity.topk(k, largest=True, sorted=True)
-        candidates = train_labels.view(1, -1).expand(batch_size, -1)
-        retrieved_neighbors = torch.gather(candidates, 1, indices)
-
-        retrieval_one_hot.resize_(batch_size * k, num_classes).zero_()
-        retrieval_one_hot.scatter_(1, retrieved_neighbors.view(-1, 1), 1)
-        distances_transform = distances.clone().div_(T).exp_()
-        probs = torch.sum(
-            torch.mul(
-                retrieval_one_hot.view(batch_size, -1, num_classes),
-                distances_transform.view(batch_size, -1, 1),
-            ),
-            1,
-        )
-        _, predictions = probs.sort(1, True)
-        first_predictions.append(predictions[:, 0])
-
-        correct = predictions.eq(targets.data.view(-1, 1))
-        top1 = top1 + correct.narrow(1, 0, 1).sum().item()
-        top5 = top5 + correct.narrow(1, 0, min(5, k)).sum().item()
-        total += targets.size(0)
-    top1 = top1 * 100.0 / total
-    top5 = top5 * 100.0 / total
-    return top1, top5, torch.cat(first_predictions)
-
-
 def run_reference(data, classes: int):
     train_features, train_labels, test_features, test_labels = data
     results, predictions = {}, {}
     for k in KS:  # eval_knn.py calls knn_classifier once per k
-        top1, top5, preds = reference_knn_classifier(
+        top1, top5, preds, _ = reference_knn(
             train_features, train_labels, test_features, test_labels, k, TEMPERATURE, classes
         )
-        results[k], predictions[k] = (top1, top5), preds
+        results[k], predictions[k] = (top1, top5), preds[:, 0]
     return results, predictions
 
 

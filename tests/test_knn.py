@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.nn.functional import normalize
 
+from benchmarks.reference_knn import reference_knn
 from simpool.evaluation.knn import knn_classifier, knn_predict, knn_search, weighted_vote
 
 T = 0.07
@@ -67,45 +68,6 @@ def test_top5_is_top_min_5_k_as_the_reference():
     assert knn_classifier(train, train_labels, test, test_labels, 2, T, num_classes=3) == (50.0, 100.0)
 
 
-@torch.no_grad()
-def reference_knn(train_features, train_labels, test_features, test_labels, k, T, num_classes):
-    """facebookresearch/dino eval_knn.knn_classifier, with a chunk size that is never 0.
-
-    Returns (top1, top5, sorted predictions, sorted class scores)."""
-    top1, top5, total = 0.0, 0.0, 0
-    train_features = train_features.t()
-    num_test_images = test_labels.shape[0]
-    imgs_per_chunk = max(1, num_test_images // 500)
-    retrieval_one_hot = torch.zeros(k, num_classes)
-    all_predictions, all_scores = [], []
-    for idx in range(0, num_test_images, imgs_per_chunk):
-        features = test_features[idx : idx + imgs_per_chunk]
-        targets = test_labels[idx : idx + imgs_per_chunk]
-        batch_size = targets.shape[0]
-        similarity = torch.mm(features, train_features)
-        distances, indices = similarity.topk(k, largest=True, sorted=True)
-        candidates = train_labels.view(1, -1).expand(batch_size, -1)
-        retrieved_neighbors = torch.gather(candidates, 1, indices)
-        retrieval_one_hot.resize_(batch_size * k, num_classes).zero_()
-        retrieval_one_hot.scatter_(1, retrieved_neighbors.view(-1, 1), 1)
-        distances_transform = distances.clone().div_(T).exp_()
-        probs = torch.sum(
-            torch.mul(
-                retrieval_one_hot.view(batch_size, -1, num_classes),
-                distances_transform.view(batch_size, -1, 1),
-            ),
-            1,
-        )
-        scores, predictions = probs.sort(1, True)
-        correct = predictions.eq(targets.view(-1, 1))
-        top1 += correct.narrow(1, 0, 1).sum().item()
-        top5 += correct.narrow(1, 0, min(5, k)).sum().item()
-        total += batch_size
-        all_predictions.append(predictions)
-        all_scores.append(scores)
-    return top1 * 100.0 / total, top5 * 100.0 / total, torch.cat(all_predictions), torch.cat(all_scores)
-
-
 def clustered(n_train: int, n_test: int, dim: int = 16, classes: int = 10, noise: float = 2.5, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     centres = normalize(torch.randn(classes, dim, generator=generator), dim=1)
@@ -122,7 +84,7 @@ def clustered(n_train: int, n_test: int, dim: int = 16, classes: int = 10, noise
 def test_matches_reference_algorithm(k):
     train, train_labels, test, test_labels = clustered(600, 120)
     ref_top1, ref_top5, ref_predictions, ref_scores = reference_knn(
-        train, train_labels, test, test_labels, k, T, 10
+        train, train_labels, test, test_labels, k, T, 10, guard_small_query_sets=True
     )
     ours = knn_predict(train, train_labels, test, k, T, num_classes=10)
     assert 20.0 < ref_top1 < 95.0  # a non-trivial problem
@@ -138,7 +100,9 @@ def test_matches_reference_algorithm(k):
 
 def test_fewer_than_500_queries():
     train, train_labels, test, test_labels = clustered(200, 7)
-    top1, top5, predictions, _ = reference_knn(train, train_labels, test, test_labels, 10, T, 10)
+    top1, top5, predictions, _ = reference_knn(
+        train, train_labels, test, test_labels, 10, T, 10, guard_small_query_sets=True
+    )
     assert torch.equal(knn_predict(train, train_labels, test, 10, T, num_classes=10)[:, 0], predictions[:, 0])
     assert knn_classifier(train, train_labels, test, test_labels, 10, T, num_classes=10) == pytest.approx(
         (top1, top5)
