@@ -214,3 +214,14 @@ def test_shipped_configs_parse(config):
 
     args = parse_args(["--config", str(config), "--data_path", "fashion-mnist"])
     assert args.epochs > 0 and args.arch
+
+
+@needs_fashion
+def test_wandb_offline_logging(tmp_path):
+    """--wandb_project logs through W&B; WANDB_MODE=offline keeps it on disk (no network)."""
+    out = tmp_path / "run"
+    result = run_cli([*FASHION_TINY, "--epochs", "1", "--output_dir", str(out), "--wandb_project", "simpool-test"],
+                     env_extra={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
