@@ -14,6 +14,10 @@ FIXTURE_DIRS = [
     REPO.parent / "shared" / "fixtures" / "reference",
 ]
 
+# One intra-op thread: tiny tensors gain nothing from more, CPU results become bitwise reproducible, and
+# OpenMP threads spinning against other processes on a busy 2-core machine can slow a test 20-fold.
+torch.set_num_threads(1)
+
 TINY_VIT = {"depth": 2, "embed_dim": 192, "num_heads": 3}
 TINY_RESNET = {"layers": (1, 1, 1, 1)}
 TINY_CONVNEXT = {"depths": (1, 1, 1, 1), "dims": (32, 64, 128, 256)}
