@@ -310,7 +310,7 @@ def load_backbone(out_dir: str | os.PathLike, device: str | torch.device | None 
     """Rebuild an exported backbone from its ``config.json`` and ``model.safetensors``; eval mode.
 
     Example:
-        >>> model = load_backbone("exports/vits", device="cuda")
+        >>> model = load_backbone("exports/vits", device=torch.device("cpu"))
         >>> features = model(images)                     # (B, embed_dim)
     """
     folder = Path(out_dir)
