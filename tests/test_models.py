@@ -87,6 +87,16 @@ def test_any_timm_model():
     assert official(torch.randn(1, 3, 64, 64)).shape == (1, official.embed_dim)
 
 
+@pytest.mark.parametrize("arch", sorted(TINY))
+@pytest.mark.parametrize("mode", ["simpool", "official"])
+def test_config_rebuilds_the_same_architecture(arch, mode):
+    model = build_backbone(arch, mode=mode, **TINY[arch])
+    rebuilt = build_backbone(**model.config())
+    assert rebuilt.state_dict().keys() == model.state_dict().keys()
+    assert all(a.shape == b.shape for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+    assert rebuilt.gamma == model.gamma
+
+
 def test_unknown_arch_lists_known_ones():
     with pytest.raises(ValueError) as err:
         build_backbone("vit_gigantic_typo")

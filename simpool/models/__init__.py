@@ -82,7 +82,6 @@ def build_backbone(
             f"unknown arch {arch!r}. Known: {', '.join(ARCHS)}; or any timm model name "
             "(see timm.list_models())"
         )
-    overrides = {k: v for k, v in overrides.items() if k not in ("family", "embed_dim_out")}
     if arch not in ARCHS:
         return TimmBackbone(arch, mode=mode, gamma=gamma,
                             drop_path_rate=drop_path_rate, **overrides)

@@ -28,15 +28,8 @@ class PooledBackbone(nn.Module):
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
-        """Everything ``simpool.build_backbone`` needs to rebuild this exact architecture."""
-        return {
-            "arch": self.arch,
-            "mode": self.mode,
-            "gamma": self.gamma,
-            "embed_dim": self.embed_dim,
-            "family": self.family,
-            **self.build_kwargs,
-        }
+        """Everything ``simpool.build_backbone(**config)`` needs to rebuild this exact architecture."""
+        return {"arch": self.arch, "mode": self.mode, "gamma": self.gamma, **self.build_kwargs}
 
 
 def check_mode(mode: str) -> str:
