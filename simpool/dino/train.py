@@ -432,19 +432,23 @@ class Trainer:
 
     # -- online k-NN ---------------------------------------------------------------------------------------
     def knn_datasets(self):
-        from simpool.data import build_labelled_splits
-        from simpool.evaluation.features import eval_transform, evenly_spaced_subset
+        """The labelled (train, val) k-NN splits, listed once per run (listing ImageNet takes minutes)."""
+        if not hasattr(self, "_knn_splits"):
+            from simpool.data import build_labelled_splits
+            from simpool.evaluation.features import eval_transform, evenly_spaced_subset
 
-        transform = eval_transform(self.args.global_crops_size)
-        try:
-            train, val = build_labelled_splits(self.args.data_path, transform=transform)
-        except DataError as err:
-            self.log.print(f"online k-NN skipped: {err}")
-            return None
-        limit = self.args.knn_max_images
-        return evenly_spaced_subset(train, limit), evenly_spaced_subset(val, limit)
+            transform = eval_transform(self.args.global_crops_size)
+            try:
+                train, val = build_labelled_splits(self.args.data_path, transform=transform)
+                limit = self.args.knn_max_images
+                self._knn_splits = evenly_spaced_subset(train, limit), evenly_spaced_subset(val, limit)
+            except DataError as err:
+                self.log.print(f"online k-NN skipped: {err}")
+                self._knn_splits = None
+        return self._knn_splits
 
-    def _knn_on(self, embed, datasets) -> dict[int, tuple[float, float]]:
+    def _knn_on(self, embed, datasets) -> dict[str, list[float]]:
+        """{k: [top1, top5]} (JSON-ready) of weighted k-NN on the features ``embed`` gives."""
         from simpool.evaluation.features import extract_features
         from simpool.evaluation.knn import knn_classifier
 
@@ -454,14 +458,14 @@ class Trainer:
         val_x, val_y = extract_features(embed, val, batch, self.args.num_workers, self.device)
         num_classes = int(max(train_y.max(), val_y.max()) + 1)
         ks = [k for k in self.args.nb_knn if k <= len(train_x)]
-        return knn_classifier(train_x, train_y, val_x, val_y, ks, self.args.temperature, num_classes=num_classes)
+        results = knn_classifier(train_x, train_y, val_x, val_y, ks, self.args.temperature, num_classes=num_classes)
+        return {str(k): [round(top1, 2), round(top5, 2)] for k, (top1, top5) in results.items()}
 
     def online_knn(self) -> dict[str, Any]:
         datasets = self.knn_datasets()
         if datasets is None:
             return {}
-        results = self._knn_on(unwrap(self.teacher).backbone, datasets)
-        table = {str(k): [round(t1, 2), round(t5, 2)] for k, (t1, t5) in results.items()}
+        table = self._knn_on(unwrap(self.teacher).backbone, datasets)
         self.log.print("k-NN (teacher): " + "  ".join(f"{k}-NN top1 {v[0]:.2f}" for k, v in table.items()))
         return table
 
@@ -470,11 +474,9 @@ class Trainer:
         datasets = self.knn_datasets()
         if datasets is None:
             return {}
-        random_init = self._knn_on(unwrap(self.teacher).backbone, datasets)
-        pixels = self._knn_on(lambda images: images.flatten(1), datasets)
         out = {
-            "random_init": {str(k): [round(a, 2), round(b, 2)] for k, (a, b) in random_init.items()},
-            "raw_pixels": {str(k): [round(a, 2), round(b, 2)] for k, (a, b) in pixels.items()},
+            "random_init": self._knn_on(unwrap(self.teacher).backbone, datasets),
+            "raw_pixels": self._knn_on(lambda images: images.flatten(1), datasets),
         }
         self.log.log_epoch({"knn_baselines": out, "epoch": -1})
         self.log.print(
