@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
-# The one prepared GPU measurement (device lease): the train-step table of benchmarks/train_step.py.
-# Cheap cases first (no compile), the compiled default ViT-S/16 SimPool step last. Results land in $OUT.
+# The one prepared GPU measurement for a device lease. Parts (default: all), in order:
+#   step  the train-step table of benchmarks/train_step.py: cheap cases without compile, ResNet-50, then the
+#         compiled default ViT-S/16 SimPool step (~6.5 min on an H200);
+#   e2e   end-to-end training from a JPEG folder, GPU and CPU multi-crop (benchmarks/train_e2e.py, ~4 min).
+# Usage: OUT=/tmp/simpool_gpu bash benchmarks/gpu_check.sh [step] [e2e]. Results land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/simpool_gpu}
+PARTS=${*:-step e2e}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 120 python3 benchmarks/train_step.py --cases vit_small_official convnext_small_simpool vit_small_simpool \
-    --no_compile vit_small_official convnext_small_simpool vit_small_simpool --steps 15 --warmup 3 \
-    --reference_precision fp16 --json "$OUT/step_nocompile.json" 2>&1 | tee "$OUT/step_nocompile.txt"
-timeout 60 python3 benchmarks/train_step.py --cases resnet50_simpool --no_compile resnet50_simpool --steps 15 \
-    --warmup 3 --reference_precision fp32 --json "$OUT/step_resnet.json" 2>&1 | tee "$OUT/step_resnet.txt"
-timeout 200 python3 benchmarks/train_step.py --cases vit_small_simpool --steps 30 --warmup 4 \
-    --reference_precision fp16 --json "$OUT/step_compiled.json" 2>&1 | tee "$OUT/step_compiled.txt"
+nproc | sed 's/^/cpu cores: /' | tee -a "$OUT/gpu.txt"
+if [[ " $PARTS " == *" step "* ]]; then
+  timeout 120 python3 benchmarks/train_step.py --cases vit_small_official convnext_small_simpool vit_small_simpool \
+      --no_compile vit_small_official convnext_small_simpool vit_small_simpool --steps 15 --warmup 3 \
+      --reference_precision fp16 --json "$OUT/step_nocompile.json" 2>&1 | tee "$OUT/step_nocompile.txt"
+  timeout 60 python3 benchmarks/train_step.py --cases resnet50_simpool --no_compile resnet50_simpool --steps 15 \
+      --warmup 3 --reference_precision fp32 --json "$OUT/step_resnet.json" 2>&1 | tee "$OUT/step_resnet.txt"
+  timeout 200 python3 benchmarks/train_step.py --cases vit_small_simpool --steps 30 --warmup 4 \
+      --reference_precision fp16 --json "$OUT/step_compiled.json" 2>&1 | tee "$OUT/step_compiled.txt"
+fi
+if [[ " $PARTS " == *" e2e "* ]]; then
+  timeout 280 python3 benchmarks/train_e2e.py --steps 100 --warmup_steps 50 --timeout 200 \
+      --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.txt"
+fi

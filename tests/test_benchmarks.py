@@ -32,3 +32,12 @@ def test_knn_benchmark_agrees_with_reference():
 def test_data_pipeline_benchmark_runs():
     out = run_script("benchmarks/data_pipeline.py", "--rounds", "1", "--images", "2")
     assert "reference" in out
+
+
+def test_end_to_end_benchmark_reads_the_trainers_throughput():
+    """Both pipelines train from a JPEG folder through train_dino.py and the script parses the trainer's reports."""
+    out = run_script("benchmarks/train_e2e.py", "--tiny", "--device", "cpu", "--batch", "4", "--num_workers", "0",
+                     "--steps", "2", "--warmup_steps", "1", "--log_every", "1", "--copies", "2")
+    rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.startswith(("gpu ", "cpu "))}
+    assert set(rows) == {"gpu", "cpu"} and all(rate > 0 for rate in rows.values()), out
+    assert "ratio gpu/cpu pipeline" in out
