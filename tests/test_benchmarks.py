@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
+from simpool.fashion_on_photos import FASHION_MNIST_ROOT
 from tests.conftest import REPO
 
 
@@ -41,3 +43,17 @@ def test_end_to_end_benchmark_reads_the_trainers_throughput():
     rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.startswith(("gpu ", "cpu "))}
     assert set(rows) == {"gpu", "cpu"} and all(rate > 0 for rate in rows.values()), out
     assert "ratio gpu/cpu pipeline" in out
+
+
+@pytest.mark.skipif(not FASHION_MNIST_ROOT.joinpath("t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+def test_attention_quality_benchmark_trains_both_regimes_and_reports_margins(tmp_path):
+    out = run_script("benchmarks/attention_quality.py", "--quick", "--val_images", "40", "--test_images", "8",
+                     "--out_dir", str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {(run["regime"], run["mode"]) for run in results["runs"]} == {
+        (regime, mode) for regime in ("dino", "supervised") for mode in ("official", "simpool")}
+    for name in ("dino: simpool, map a", "supervised: official, head-average map", "untrained: simpool, map a"):
+        assert name in out and 0.0 <= results["summary"][name]["jaccard_mass"]["mean"] <= 1.0
+    assert len(results["margins"]) == 4 and "one seed" in results["margins"][0]
+    assert (tmp_path / "voc_seed0.png").is_file()

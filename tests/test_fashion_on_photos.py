@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from PIL import Image
 from simpool.evaluation.attention_metrics import evaluate_maps
 from simpool.fashion_on_photos import (
     FASHION_MNIST_ROOT,
+    ITEM_SIDE,
     MASK_THRESHOLD,
+    TRAIN_REGION,
     FashionOnPhotosDataset,
     load_background_photos,
     load_fashion_mnist,
@@ -90,7 +93,7 @@ def test_masks_are_the_pasted_item_pixels_and_boxes_are_tight(split):
         # The mask is the resized Fashion-MNIST item above the threshold, where it was pasted.
         ix0, iy0, ix1, iy1 = sample.item_box
         side = ix1 - ix0
-        assert iy1 - iy0 == side and 0.35 * SIZE - 1 <= side <= 0.70 * SIZE + 1
+        assert iy1 - iy0 == side and ITEM_SIDE[0] * SIZE - 1 <= side <= ITEM_SIDE[1] * SIZE + 1
         item = np.asarray(Image.fromarray(items[sample.fashion_index]).resize((side, side), Image.BILINEAR))
         assert np.array_equal(mask[iy0:iy1, ix0:ix1], item / 255.0 > MASK_THRESHOLD)
         assert mask.sum() == mask[iy0:iy1, ix0:ix1].sum()
@@ -109,7 +112,7 @@ def test_train_and_test_splits_use_disjoint_photo_regions_and_items():
             height, width = photos[sample.photo].shape[:2]
             x0, y0, x1, y1 = sample.crop
             start, stop = (x0, x1) if width >= height else (y0, y1)
-            cut = round(0.65 * max(height, width))
+            cut = round(TRAIN_REGION * max(height, width))
             assert stop <= cut if split == "train" else start >= cut
     train = make_fashion_on_photos(4, image_size=SIZE, split="train")
     test = make_fashion_on_photos(4, image_size=SIZE, split="test")
@@ -165,8 +168,10 @@ def test_voc_style_round_trip(tmp_path):
         assert torch.equal(sample.mask, data.masks[i])  # PNG is lossless, and 255 is read as object
         assert not sample.void.any()
         assert sample.boxes.tolist() == [data.boxes[i].tolist()]
-        decoded = torch.from_numpy(np.array(sample.image)).permute(2, 0, 1).float()
-        assert (decoded - data.images[i].float()).abs().mean() < 4  # JPEG quality 95
+        # The JPEG holds exactly the rendered image, encoded at quality 95.
+        encoded = io.BytesIO()
+        Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(encoded, format="JPEG", quality=95)
+        assert np.array_equal(np.asarray(sample.image), np.asarray(Image.open(encoded).convert("RGB")))
 
 
 def test_read_mask_folder_follows_voc_conventions(tmp_path):
