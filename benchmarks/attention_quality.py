@@ -28,7 +28,7 @@ spread; writes ``results.json`` and the figures to ``--out_dir``.
 
 Usage (as the numbers in benchmarks/RESULTS.md were taken)::
 
-    OMP_NUM_THREADS=1 python benchmarks/attention_quality.py                # 3 seeds, ~25 min on 2 CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/attention_quality.py                # 3 seeds, ~20 min on 2 CPU cores
     OMP_NUM_THREADS=1 python benchmarks/attention_quality.py --quick        # smoke test, ~1 min
 """
 
@@ -53,6 +53,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from simpool.dino.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from simpool.dino.train import main as train_dino  # noqa: E402
 from simpool.evaluation.attention import evaluate_attention, fashion_samples, format_table  # noqa: E402
 from simpool.evaluation.attention_metrics import evaluate_maps, mask_to_box  # noqa: E402
@@ -68,8 +69,6 @@ from simpool.visualize import attention_maps, compare_figure, model_stride, prep
 MODES = ("official", "simpool")
 REGIMES = ("dino", "supervised")
 KNN_K = 20
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
 
 
 def recipe(args: argparse.Namespace) -> list[str]:
@@ -164,7 +163,7 @@ def train_supervised(args: argparse.Namespace, mode: str, seed: int) -> tuple[to
     size = args.image_size
     train = make_fashion_on_photos(args.train_images, image_size=size, seed=0, split="train")  # = train/ folder
     val = make_fashion_on_photos(args.val_images, image_size=size, seed=0, split="test")  # = val/ folder
-    mean, std = torch.tensor(_MEAN).view(1, 3, 1, 1), torch.tensor(_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     model = random_init_model(args, mode, seed).train()
     classifier = torch.nn.Linear(args.width, len(FASHION_MNIST_CLASSES))
     params = [*model.parameters(), *classifier.parameters()]
@@ -188,8 +187,9 @@ def train_supervised(args: argparse.Namespace, mode: str, seed: int) -> tuple[to
     model.eval()
     with torch.no_grad():
         predictions = classifier(model((val.images.float() / 255 - mean) / std)).argmax(dim=1)
+    top1 = 100.0 * float((predictions == val.labels).float().mean())
     return model, {"train_seconds": seconds, "images_per_second": args.train_images * args.sup_epochs / seconds,
-                   "final_loss": float(loss), "top1": 100.0 * float((predictions == val.labels).float().mean())}
+                   "final_loss": float(loss.detach()), "top1": top1}
 
 
 def random_init_model(args: argparse.Namespace, mode: str, seed: int) -> torch.nn.Module:
@@ -240,8 +240,10 @@ def summary_table(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                  ("untrained: simpool, map a", None, "simpool", "random_init")]
     for name, regime, mode, key in variants:
         chosen = [run for run in runs if run["mode"] == mode and (regime is None or run["regime"] == regime)]
-        if regime is None:  # the untrained network of a (mode, seed) is the same in every regime: count it once
-            chosen = list({run["seed"]: run for run in chosen}.values())
+        if regime is None:  # the untrained network of a (mode, seed) is the same in every regime: count it once,
+            # from the DINO run where there is one (it holds the untrained network's k-NN)
+            dino_last = sorted(chosen, key=lambda run: run["regime"] == "dino")
+            chosen = list({run["seed"]: run for run in dino_last}.values())
         if not chosen:  # --modes / --regimes left this model out
             continue
         cells, entry = [], {}
@@ -362,12 +364,15 @@ def run_all(args: argparse.Namespace, work: Path, out: Path) -> list[dict]:
     jobs = [(regime, mode, seed) for seed in args.seeds for regime in args.regimes for mode in args.modes]
     if args.jobs > 1:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         # spawn: a fresh interpreter per worker (no forked torch thread pools); OMP_NUM_THREADS=1 reaches it
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(train_and_score, args, work, *job) for job in jobs]
+            futures = {pool.submit(train_and_score, args, work, *job): job for job in jobs}
+            for done, future in enumerate(as_completed(futures), start=1):
+                regime, mode, seed = futures[future]
+                print(f"[{done}/{len(jobs)}] seed {seed} {regime} {mode} done", flush=True)
             results = [future.result() for future in futures]  # in submission order: a deterministic report
     else:
         results = [train_and_score(args, work, *job) for job in jobs]

@@ -86,8 +86,6 @@ _ALPHA_RAMP = 0.3  # intensity at which the item becomes opaque: faint edge pixe
 TRAIN_REGION = 0.5  # train crops from the first half of the long axis, test crops from the second
 CROP_SIDE = (0.30, 0.50)  # crop side as a fraction of the photo's short side (fits both halves)
 ITEM_SIDE = (0.60, 0.90)  # item side as a fraction of the image side
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Split = Literal["train", "test"]
 
@@ -361,9 +359,11 @@ def make_fashion_on_photos(
 
 
 def _default_eval_transform() -> Callable[[Image.Image], torch.Tensor]:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from torchvision import transforms
 
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)])
+    normalize = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    return transforms.Compose([transforms.ToTensor(), normalize])
 
 
 class FashionOnPhotosDataset(Dataset):

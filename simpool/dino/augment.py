@@ -55,10 +55,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN  # (0.485, 0.456, 0.406)
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD  # (0.229, 0.224, 0.225)
 from torch import Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale (PIL's "L" uses 0.299/0.587/0.114 in integers).
 LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
 # Column order of ViewParams.jitter_factors and the op ids used in ViewParams.jitter_order.

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN  # (0.485, 0.456, 0.406)
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD  # (0.229, 0.224, 0.225)
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from simpool.data import collate_skip_bad
 from simpool.distributed import all_gather_varlen, get_rank, get_world_size
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def eval_transform(crop_size: int = 224, resize_size: int | None = None) -> transforms.Compose:
