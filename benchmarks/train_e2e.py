@@ -98,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, choices=["cuda", "cpu"],
                         help="default: cuda when available (the trainer picks the device itself)")
     parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES))
-    parser.add_argument("--batch", type=int, default=100, help="batch size per GPU")
+    parser.add_argument("--batch", type=int, default=None, help="batch size per GPU (default 100; --tiny: 8)")
     parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="loader workers")
-    parser.add_argument("--steps", type=int, default=100, help="measured steps")
-    parser.add_argument("--warmup_steps", type=int, default=50, help="steps left out (compile, worker start-up)")
-    parser.add_argument("--log_every", type=int, default=25, help="steps per throughput report")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps (default 100; --tiny: 10)")
+    parser.add_argument("--warmup_steps", type=int, default=None,
+                        help="steps left out: compile, worker start-up (default 50; --tiny: 5)")
+    parser.add_argument("--log_every", type=int, default=None,
+                        help="steps per throughput report (default 25; --tiny: 5)")
     parser.add_argument("--copies", type=int, default=2000, help="links per photo (6 photos): the epoch length")
     parser.add_argument("--compile", default=None, choices=["True", "False"],
                         help="gpu pipeline; default: the trainer's (on for CUDA)")
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=540, help="seconds per pipeline")
     parser.add_argument("--json", default=None, help="also write the results here")
     opts = parser.parse_args(argv)
+    for name, full, tiny in (("batch", 100, 8), ("steps", 100, 10), ("warmup_steps", 50, 5), ("log_every", 25, 5)):
+        if getattr(opts, name) is None:
+            setattr(opts, name, tiny if opts.tiny else full)
     import torch
 
     if opts.device is None:

@@ -79,6 +79,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
         result = run_cli([*FASHION_TINY, "--epochs", "2", "--output_dir", str(resumed),
                           "--exit_after_iterations", str(stop)])
         assert result.returncode == 0, result.stderr
+        assert f"stopped after iteration {stop} (--exit_after_iterations)" in result.stdout
         assert torch.load(resumed / "checkpoint.pth", weights_only=True)["iteration"] == stop
     result = run_cli([*FASHION_TINY, "--epochs", "2", "--output_dir", str(resumed)])
     assert result.returncode == 0 and "resumed from" in result.stdout

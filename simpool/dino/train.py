@@ -292,8 +292,10 @@ class Trainer:
         run_start = time.perf_counter()
         for epoch in range(start_epoch, args.epochs):
             train_stats = self.train_one_epoch(epoch)
-            if train_stats is None:  # preempted: checkpoint written, exit cleanly
-                self.log.print(f"preempted: saved {self.checkpoint_path}, exiting")
+            if train_stats is None:  # preempted or --exit_after_iterations: checkpoint written, exit cleanly
+                reason = (f"stopped after iteration {self.iteration} (--exit_after_iterations)"
+                          if self.reached_exit_iteration() else "preempted")
+                self.log.print(f"{reason}: saved {self.checkpoint_path}, exiting; relaunch the same command to resume")
                 self.log.finish()
                 return {"preempted": True}
             keep = args.saveckp_freq and epoch % args.saveckp_freq == 0
