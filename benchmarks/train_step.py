@@ -19,6 +19,7 @@ import time
 import torch
 
 from simpool.dino.config import parse_args
+from simpool.dino.step import DINOStep
 from simpool.dino.train import build_dino_step
 from simpool.distributed import DistInfo
 
@@ -46,8 +47,23 @@ def set_fused_attention(model: torch.nn.Module, enabled: bool) -> None:
             module.fused_attn = enabled
 
 
-def measure(flags: list[str], batch: int, device: torch.device, ours: bool, precision: str, steps: int,
-            warmup: int, local_crops: int, compile_models: bool) -> dict:
+def case_flags(name: str, tiny: bool) -> tuple[list[str], int]:
+    """train_dino.py flags and batch size of a case; ``tiny`` shrinks the model and crops for a CPU run."""
+    flags, batch = CASES[name]
+    if not tiny:
+        return flags, batch
+    flags = [*flags, *TINY_FLAGS]
+    convnet_crops = ["--global_crops_size", "64", "--local_crops_size", "32"]  # 5 stride-2 stages
+    if name.startswith("resnet"):
+        flags += ["--model_overrides", "layers=[1,1,1,1]", *convnet_crops]
+    if name.startswith("convnext"):
+        flags += ["--model_overrides", "depths=[1,1,1,1]", "dims=[16,32,64,128]", *convnet_crops]
+    return flags, 4
+
+
+def build_case(flags: list[str], batch: int, device: torch.device, ours: bool, precision: str, local_crops: int,
+               compile_models: bool) -> tuple[DINOStep, list[torch.Tensor]]:
+    """The step train_dino.py builds for these flags (``ours=False``: unfused attention) and synthetic crops."""
     args = parse_args([*flags, "--data_path", "fashion-mnist", "--batch_size_per_gpu", str(batch),
                        "--local_crops_number", str(local_crops), "--warmup_teacher_temp_epochs", "0",
                        "--freeze_last_layer", "0"])
@@ -62,7 +78,12 @@ def measure(flags: list[str], batch: int, device: torch.device, ours: bool, prec
              for _ in range(2)]
     crops += [torch.randn(batch, 3, args.local_crops_size, args.local_crops_size, device=device)
               for _ in range(local_crops)]
-    crops = [c.contiguous(memory_format=memory_format) for c in crops]
+    return step, [c.contiguous(memory_format=memory_format) for c in crops]
+
+
+def measure(flags: list[str], batch: int, device: torch.device, ours: bool, precision: str, steps: int,
+            warmup: int, local_crops: int, compile_models: bool) -> dict:
+    step, crops = build_case(flags, batch, device, ours, precision, local_crops, compile_models)
 
     def run(n: int) -> torch.Tensor:
         loss = torch.zeros((), device=device)
@@ -111,14 +132,7 @@ def main() -> None:
     results = {}
     print(f"{'case':<24} {'setting':<22} {'img/s':>9} {'peak GiB':>9} {'warm-up s':>10}")
     for name in opts.cases:
-        flags, batch = CASES[name]
-        if opts.tiny:
-            flags, batch = [*flags, *TINY_FLAGS], 4
-            convnet_crops = ["--global_crops_size", "64", "--local_crops_size", "32"]  # 5 stride-2 stages
-            if name.startswith("resnet"):
-                flags += ["--model_overrides", "layers=[1,1,1,1]", *convnet_crops]
-            if name.startswith("convnext"):
-                flags += ["--model_overrides", "depths=[1,1,1,1]", "dims=[16,32,64,128]", *convnet_crops]
+        flags, batch = case_flags(name, opts.tiny)
         rows = {}
         reference_precision = opts.reference_precision if device.type == "cuda" else "fp32"
         compile_ours = device.type == "cuda" and name not in opts.no_compile

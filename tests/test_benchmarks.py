@@ -57,3 +57,12 @@ def test_attention_quality_benchmark_trains_both_regimes_and_reports_margins(tmp
         assert name in out and 0.0 <= results["summary"][name]["jaccard_mass"]["mean"] <= 1.0
     assert len(results["margins"]) == 4 and "one seed" in results["margins"][0]
     assert (tmp_path / "voc_seed0.png").is_file()
+
+
+def test_profile_step_groups_the_step_time():
+    out = run_script("benchmarks/profile_step.py", "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                     "--local_crops", "2", "--top", "5")
+    shares = {line.rsplit(None, 1)[0].strip(): float(line.rsplit(None, 1)[1].rstrip("%"))
+              for line in out.splitlines() if line.endswith("%") and not line.startswith(("|", "-"))}
+    assert "matmul / linear / conv" in shares and shares["matmul / linear / conv"] > 0, out
+    assert abs(sum(shares.values()) - 100.0) < 0.5, shares
