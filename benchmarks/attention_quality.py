@@ -53,16 +53,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from simpool.data import FASHION_MNIST_CLASSES  # noqa: E402
 from simpool.dino.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from simpool.dino.train import main as train_dino  # noqa: E402
 from simpool.evaluation.attention import evaluate_attention, fashion_samples, format_table  # noqa: E402
 from simpool.evaluation.attention_metrics import evaluate_maps, mask_to_box  # noqa: E402
 from simpool.export import load_any_backbone  # noqa: E402
-from simpool.fashion_on_photos import (  # noqa: E402
-    FASHION_MNIST_CLASSES,
-    make_fashion_on_photos,
-    render_fashion_on_photo,
-)
+from simpool.fashion_on_photos import make_fashion_on_photos, render_fashion_on_photo  # noqa: E402
 from simpool.models import build_backbone  # noqa: E402
 from simpool.visualize import attention_maps, compare_figure, model_stride, prepare_image  # noqa: E402
 

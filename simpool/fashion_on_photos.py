@@ -32,14 +32,13 @@ Example::
     >>> data.images.shape, data.masks.shape, data.boxes[0], data.labels[0]
     (torch.Size([8, 3, 96, 96]), torch.Size([8, 96, 96]), tensor([12,  6, 65, 57]), tensor(2))
     >>> write_voc_style("/tmp/fop", 100)                  # JPEGImages/ + SegmentationObject/
-    >>> folder = read_mask_folder("/tmp/fop")             # also reads real PASCAL VOC folders
+    >>> folder = simpool.data.masks.read_mask_folder("/tmp/fop")   # also reads real PASCAL VOC folders
 """
 
 from __future__ import annotations
 
 import colorsys
 import functools
-import gzip
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,14 +50,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from simpool.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
+from simpool.data.masks import tight_box
+
 __all__ = [
-    "FASHION_MNIST_ROOT",
-    "FASHION_MNIST_CLASSES",
     "MASK_THRESHOLD",
     "ITEM_SIDE",
     "CROP_SIDE",
     "TRAIN_REGION",
-    "read_idx_gz",
     "load_fashion_mnist",
     "load_background_photos",
     "FashionOnPhotosSample",
@@ -67,18 +66,8 @@ __all__ = [
     "make_fashion_on_photos",
     "FashionOnPhotosDataset",
     "write_voc_style",
-    "MaskSample",
-    "MaskFolderDataset",
-    "read_mask_folder",
 ]
 
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-_FASHION_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
 _SPLIT_IDS = {"train": 0, "test": 1}
 
 MASK_THRESHOLD = 0.1  # item intensity (0..1, after resizing) above which a pixel belongs to the item
@@ -93,51 +82,17 @@ Split = Literal["train", "test"]
 # ----------------------------------------------------------------------------- sources
 
 
-def read_idx_gz(path: str | Path) -> np.ndarray:
-    """Read a gzipped IDX file (the MNIST format) into a uint8 array.
-
-    Header: two zero bytes, a type byte (0x08 = unsigned byte, the only type Fashion-MNIST uses),
-    the number of dimensions n, then n big-endian uint32 sizes; the data follow, row-major.
-    """
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic {raw[:4]!r})")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {len(raw) - offset} bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
-
-
 def _check_split(split: str) -> None:
     if split not in _SPLIT_IDS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
 
 
-@functools.lru_cache(maxsize=4)
-def _load_fashion_cached(split: str, root: str) -> tuple[np.ndarray, np.ndarray]:
-    images_name, labels_name = _FASHION_FILES[split]
-    folder = Path(root)
-    missing = [name for name in (images_name, labels_name) if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"Fashion-MNIST file(s) {missing} not found in {folder}: install the Debian "
-                                "package dataset-fashion-mnist or pass fashion_root=<folder with the "
-                                "*-ubyte.gz files>")
-    images = read_idx_gz(folder / images_name)
-    labels = read_idx_gz(folder / labels_name).astype(np.int64)
-    if images.ndim != 3 or labels.shape != images.shape[:1]:
-        raise ValueError(f"{folder}: images {images.shape} and labels {labels.shape} do not match")
-    return images, labels
-
-
 def load_fashion_mnist(
     split: Split = "train", root: str | Path | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST images (n, 28, 28) uint8 and labels (n,) int64, read once and cached in memory."""
+    """Fashion-MNIST images (n, 28, 28) uint8 and labels (n,) int64 of a split, read once and cached."""
     _check_split(split)
-    return _load_fashion_cached(split, str(FASHION_MNIST_ROOT if root is None else root))
+    return load_fashion_mnist_arrays(root, split)
 
 
 def _read_rgb(path: str | Path) -> np.ndarray:
@@ -257,13 +212,6 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(hue, saturation, value), dtype=np.float64)
 
 
-def _tight_box(mask: np.ndarray) -> np.ndarray:
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
-        return np.zeros(4, dtype=np.int64)
-    return np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.int64)
-
-
 def _check_image_size(image_size: int) -> None:
     if not isinstance(image_size, int) or image_size < 16:
         raise ValueError(f"image_size must be an int >= 16 (items are 60-90% of it), got {image_size!r}")
@@ -306,7 +254,7 @@ def render_fashion_on_photo(
     # Outside the mask alpha is 0; take the photo's bytes themselves so "unchanged" is exact.
     image = np.where(mask[:, :, None], blended, background)
     return FashionOnPhotosSample(
-        image=image, mask=mask, box=_tight_box(mask), label=int(labels[fashion_index]),
+        image=image, mask=mask, box=tight_box(mask), label=int(labels[fashion_index]),
         background=background, photo=photo_name, crop=crop, flipped=flipped, fashion_index=fashion_index,
         item_box=(left, top, left + item_side, top + item_side),
     )
@@ -439,7 +387,7 @@ def write_voc_style(
 ) -> list[str]:
     """Write n samples as ``folder/JPEGImages/<id>.jpg`` + ``folder/SegmentationObject/<id>.png``.
 
-    Masks are greyscale PNGs, 0 = background, 255 = object (viewable as is; :func:`read_mask_folder`
+    Masks are greyscale PNGs, 0 = background, 255 = object (viewable as is; :func:`simpool.data.masks.read_mask_folder`
     reads such 0/255 masks as binary). Also writes ``ImageSets/Segmentation/<split>.txt`` (the ids)
     and ``labels.txt`` (``<id> <class>`` lines) as VOC does for its lists. Returns the ids.
     """
@@ -461,101 +409,3 @@ def write_voc_style(
     (list_dir / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     (root / "labels.txt").write_text("".join(f"{line}\n" for line in label_lines))
     return ids
-
-
-@dataclass(frozen=True)
-class MaskSample:
-    """One image of a mask folder: foreground and void masks (H, W) bool, one box per object (k, 4)."""
-
-    name: str
-    image: Image.Image
-    mask: torch.Tensor
-    void: torch.Tensor
-    boxes: torch.Tensor
-
-
-_VOID = 255
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
-
-
-def _decode_mask(values: np.ndarray, binary: bool | None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Raw PNG values → (foreground, void, per-object masks), see :func:`read_mask_folder`."""
-    if binary is None:
-        binary = bool(np.isin(values, (0, _VOID)).all())
-    if binary:
-        foreground = values != 0
-        return foreground, np.zeros_like(foreground), [foreground]
-    void = values == _VOID
-    foreground = (values != 0) & ~void
-    objects = [values == v for v in np.unique(values[foreground])]
-    return foreground, void, objects
-
-
-class MaskFolderDataset(Dataset):
-    """Lazy reader of a VOC-style folder; item i is a :class:`MaskSample`. See :func:`read_mask_folder`."""
-
-    def __init__(self, folder: str | Path, mask_dir: str | None = None, binary: bool | None = None) -> None:
-        root = Path(folder)
-        self.image_dir = root / "JPEGImages"
-        candidates = [mask_dir] if mask_dir else ["SegmentationObject", "SegmentationClass"]
-        found = [root / name for name in candidates if (root / name).is_dir()]
-        if not self.image_dir.is_dir() or not found:
-            raise ValueError(f"{root} is not a VOC-style folder: expected JPEGImages/ and one of "
-                             f"{candidates}/ with PNG masks (pass mask_dir= for another mask folder name)")
-        self.mask_dir = found[0]
-        self.binary = binary
-        self.names = sorted(path.stem for path in self.mask_dir.glob("*.png"))
-        if not self.names:
-            raise ValueError(f"no PNG masks in {self.mask_dir}")
-        self.image_paths = [self._image_path(name) for name in self.names]
-
-    def _image_path(self, name: str) -> Path:
-        for suffix in _IMAGE_SUFFIXES:
-            if (path := self.image_dir / f"{name}{suffix}").is_file():
-                return path
-        raise ValueError(f"mask {self.mask_dir / name}.png has no image {self.image_dir / name}.jpg "
-                         "(or .jpeg/.png)")
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: int) -> MaskSample:
-        name = self.names[index]
-        with Image.open(self.image_paths[index]) as image_file:
-            image = image_file.convert("RGB")
-        with Image.open(self.mask_dir / f"{name}.png") as mask_file:
-            if mask_file.mode not in ("P", "L", "1", "I", "I;16"):
-                raise ValueError(f"{mask_file.filename}: mask mode {mask_file.mode} is not a label image; "
-                                 "save masks as palette (VOC) or greyscale PNGs")
-            values = np.asarray(mask_file)  # palette PNGs give the palette indices, i.e. the labels
-        if values.shape != (image.height, image.width):
-            raise ValueError(f"{name}: mask {values.shape} and image {(image.height, image.width)} "
-                             "differ in size")
-        foreground, void, objects = _decode_mask(values.astype(np.int64), self.binary)
-        boxes = np.stack([_tight_box(obj) for obj in objects]) if objects else np.zeros((0, 4), np.int64)
-        return MaskSample(name=name, image=image, mask=torch.from_numpy(foreground),
-                          void=torch.from_numpy(void), boxes=torch.from_numpy(boxes))
-
-
-def read_mask_folder(
-    folder: str | Path, mask_dir: str | None = None, binary: bool | None = None
-) -> MaskFolderDataset:
-    """Open a VOC-style folder of images and PNG masks (lazily: VOC has thousands of images).
-
-    Layout: ``JPEGImages/<id>.jpg`` and ``SegmentationObject/<id>.png`` (or
-    ``SegmentationClass/``, or ``mask_dir``); only ids that have a mask are read. Mask values:
-
-    * VOC convention: 0 = background, 255 = void (object borders and ambiguous pixels, ignored
-      in scoring), every other value = foreground. In ``SegmentationObject`` each value is one
-      object instance and gets its own box; in ``SegmentationClass`` a value is a class, so
-      instances of one class share a box.
-    * binary masks: a mask whose only values are 0 and 255 (as :func:`write_voc_style` writes, and
-      most tools save) is read as 0 = background, 255 = foreground, no void — a VOC mask always
-      holds an object id besides 0 and 255, so the two cases cannot be confused. Force either
-      reading with ``binary=True`` (any non-zero = foreground) or ``binary=False`` (VOC rule).
-
-    Each item is a :class:`MaskSample` (PIL image, mask, void, boxes (k, 4) x0, y0, x1, y1,
-    inclusive-exclusive) ready for :func:`simpool.evaluation.attention_metrics.evaluate_maps`
-    (``gt_boxes`` = boxes, ``ignore_masks`` = void).
-    """
-    return MaskFolderDataset(folder, mask_dir=mask_dir, binary=binary)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from simpool.data import FASHION_MNIST_DIR
+from simpool.data.masks import MaskSample
 from simpool.evaluation.attention import (
     evaluate_attention,
     load_mask_samples,
@@ -24,10 +26,10 @@ from simpool.evaluation.attention import (
 )
 from simpool.evaluation.attention_metrics import mask_to_box
 from simpool.export import export_backbone
-from simpool.fashion_on_photos import FASHION_MNIST_ROOT, MaskSample, write_voc_style
+from simpool.fashion_on_photos import write_voc_style
 from simpool.models import build_backbone
 
-needs_fashion = pytest.mark.skipif(not (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file(),
+needs_fashion = pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
                                    reason="Debian package dataset-fashion-mnist is not installed")
 
 TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 32}

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from simpool.fashion_on_photos import FASHION_MNIST_ROOT
+from simpool.data import FASHION_MNIST_DIR
 from tests.conftest import REPO
 
 
@@ -45,7 +45,7 @@ def test_end_to_end_benchmark_reads_the_trainers_throughput():
     assert "ratio gpu/cpu pipeline" in out
 
 
-@pytest.mark.skipif(not FASHION_MNIST_ROOT.joinpath("t10k-images-idx3-ubyte.gz").is_file(),
+@pytest.mark.skipif(not FASHION_MNIST_DIR.joinpath("t10k-images-idx3-ubyte.gz").is_file(),
                     reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
 def test_attention_quality_benchmark_trains_both_regimes_and_reports_margins(tmp_path):
     out = run_script("benchmarks/attention_quality.py", "--quick", "--val_images", "40", "--test_images", "8",

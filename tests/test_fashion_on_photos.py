@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 
 import numpy as np
@@ -10,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from simpool.data import FASHION_MNIST_DIR
+from simpool.data.masks import read_mask_folder
 from simpool.evaluation.attention_metrics import evaluate_maps
 from simpool.fashion_on_photos import (
-    FASHION_MNIST_ROOT,
     ITEM_SIDE,
     MASK_THRESHOLD,
     TRAIN_REGION,
@@ -20,36 +20,23 @@ from simpool.fashion_on_photos import (
     load_background_photos,
     load_fashion_mnist,
     make_fashion_on_photos,
-    read_idx_gz,
-    read_mask_folder,
     render_fashion_on_photo,
     write_voc_style,
 )
 
 pytestmark = pytest.mark.skipif(
-    not (FASHION_MNIST_ROOT / "t10k-images-idx3-ubyte.gz").is_file(),
+    not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
     reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist",
 )
 SIZE = 48  # small images keep the file fast; the recipe does not depend on the size
-
-
-def test_read_idx_gz_parses_header_and_rejects_other_files(tmp_path):
-    data = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
-    header = bytes([0, 0, 0x08, 3]) + b"".join(int(d).to_bytes(4, "big") for d in data.shape)
-    path = tmp_path / "tiny-idx3-ubyte.gz"
-    path.write_bytes(gzip.compress(header + data.tobytes()))
-    assert np.array_equal(read_idx_gz(path), data)
-    (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x00\x00\x0d\x01" + b"\x00" * 8))
-    with pytest.raises(ValueError, match="IDX"):
-        read_idx_gz(tmp_path / "bad.gz")
-    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
-        load_fashion_mnist("test", root=tmp_path)
 
 
 def test_fashion_mnist_test_split_loads():
     images, labels = load_fashion_mnist("test")
     assert images.shape == (10_000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (10_000,) and set(np.unique(labels)) == set(range(10))
+    with pytest.raises(ValueError, match="split"):
+        load_fashion_mnist("val")
 
 
 def test_generator_is_deterministic_prefix_stable_and_seed_dependent():

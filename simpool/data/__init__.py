@@ -6,6 +6,8 @@
 * :mod:`simpool.data.fashion_mnist`: the offline demo data set
 * :mod:`simpool.data.build`: ``build_dataset`` / ``build_labelled_splits``, the entry points
 * :mod:`simpool.data.sampler`: resumable distributed sampler, loader worker seeding
+* :mod:`simpool.data.masks`: images with object masks / boxes (VOC-style folders, COCO-style JSON) for scoring
+  attention maps
 """
 
 from simpool.data.build import build_dataset, build_labelled_splits

@@ -2,8 +2,10 @@
 
 SimPool's claim (Psomas et al., ICCV 2023, §5) is that its pooling attention ``a`` outlines objects better than
 the [CLS] attention of a ViT trained the same way. This module measures it on any VOC-style folder of images and
-object masks (``JPEGImages/`` + ``SegmentationObject/``, see :func:`simpool.fashion_on_photos.read_mask_folder`)
-or on fashion-on-photos test images generated on the fly (``--data_path fashion-on-photos:200``).
+object masks (``JPEGImages/`` + ``SegmentationObject/``, see :func:`simpool.data.masks.read_mask_folder`), on
+images with a COCO-style JSON of boxes and polygons (``--annotations``, :func:`simpool.data.masks.read_coco`;
+box-only annotations are scored against their filled boxes), or on fashion-on-photos test images generated on the
+fly (``--data_path fashion-on-photos:200``).
 
 Which map (``model.attention_map``, on the patch grid (h, w) = (H / p, W / p)):
 
@@ -25,6 +27,8 @@ Usage::
 
     python -m simpool.evaluation.attention --pretrained_weights runs/vit/checkpoint.pth \
         --data_path /data/VOC2012 --image_size 224 --output attention.json
+    python -m simpool.evaluation.attention --pretrained_weights runs/vit/checkpoint.pth \
+        --data_path /data/coco/val2017 --annotations /data/coco/annotations/instances_val2017.json
     python -m simpool.evaluation.attention --pretrained_weights exports/vit --data_path fashion-on-photos:200 \
         --image_size 96
 
@@ -47,6 +51,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from simpool.data.masks import MaskSample, read_coco, read_mask_folder
 from simpool.evaluation.attention_metrics import evaluate_maps
 from simpool.evaluation.common import (
     EvalSetupError,
@@ -57,7 +62,7 @@ from simpool.evaluation.common import (
     run_guarded,
     write_json,
 )
-from simpool.fashion_on_photos import MaskSample, read_mask_folder, render_fashion_on_photo
+from simpool.fashion_on_photos import render_fashion_on_photo
 from simpool.visualize import model_stride, prepare_image
 
 RESULTS_FILE = "attention.json"
@@ -105,18 +110,25 @@ def fashion_samples(n: int, image_size: int, seed: int = 0) -> list[MaskSample]:
     return samples
 
 
-def load_mask_samples(data_path: str | Path, image_size: int = 224, seed: int = 0) -> Sequence[MaskSample]:
-    """A VOC-style folder (read lazily) or ``fashion-on-photos[:N]`` rendered at ``image_size`` px.
+def load_mask_samples(data_path: str | Path, image_size: int = 224, seed: int = 0,
+                      annotations: str | Path | None = None) -> Sequence[MaskSample]:
+    """A VOC-style folder, a COCO-style folder + JSON (``annotations``), or ``fashion-on-photos[:N]`` rendered at
+    ``image_size`` px; folders are read lazily.
 
-    Images without any object are not scoreable (Jaccard and CorLoc need a ground-truth object); a folder
-    holding such images raises a ValueError when they are reached, naming the image.
+    Images without any object are not scoreable (Jaccard and CorLoc need a ground-truth object): a VOC folder
+    holding such images raises a ValueError when they are reached, naming the image; COCO images without a
+    non-crowd annotation are skipped.
     """
     count = parse_fashion_spec(str(data_path))
     if count is not None:
+        if annotations is not None:
+            raise EvalSetupError("--annotations goes with a folder of images, not with fashion-on-photos")
         return fashion_samples(count, image_size, seed)
     if not Path(data_path).is_dir():
-        raise EvalSetupError(f"--data_path {str(data_path)!r} is neither a VOC-style folder (JPEGImages/ + "
-                             f"SegmentationObject/) nor {FASHION_ON_PHOTOS}[:N]")
+        raise EvalSetupError(f"--data_path {str(data_path)!r} is neither a folder (VOC-style: JPEGImages/ + "
+                             f"SegmentationObject/; COCO-style: images + --annotations) nor {FASHION_ON_PHOTOS}[:N]")
+    if annotations is not None:
+        return read_coco(data_path, annotations)  # a ValueError naming the file on bad input
     return read_mask_folder(data_path)
 
 
@@ -229,6 +241,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--data_path", default=None, type=str,
                        help=f"VOC-style folder (JPEGImages/ + SegmentationObject/ PNG masks) or "
                             f"{FASHION_ON_PHOTOS}[:N] (N generated test images, default {DEFAULT_FASHION_IMAGES})")
+    group.add_argument("--annotations", default=None, type=str,
+                       help="COCO-style instances JSON for the images in --data_path (boxes; polygons when "
+                            "present): CorLoc against the boxes, Jaccard against polygons or filled boxes")
     group.add_argument("--image_size", default=224, type=int,
                        help="shorter image side fed to the model (rounded to the patch size); fashion-on-photos "
                             "images are rendered at this size")
@@ -260,7 +275,7 @@ def output_path(args: argparse.Namespace) -> Path | None:
 def _setup(argv: list[str] | None):
     args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
     check_flags(args)
-    samples = load_mask_samples(args.data_path, args.image_size)
+    samples = load_mask_samples(args.data_path, args.image_size, annotations=args.annotations)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, source = build_model(args, device)
     return args, samples, model, source
