@@ -64,6 +64,9 @@ def test_coco_bad_input_names_the_problem(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="'images' and 'annotations'"):
         read_coco(images, tmp_path / "other.json")
+    (tmp_path / "keyless.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": [{"bbox": [0, 0, 1, 1]}]}))
+    with pytest.raises(ValueError, match="lacks a COCO key"):
+        read_coco(images, tmp_path / "keyless.json")
     with pytest.raises(ValueError, match="does not exist"):
         read_coco(tmp_path / "missing", annotations)
     (images / "a.png").unlink()

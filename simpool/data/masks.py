@@ -45,7 +45,7 @@ def tight_box(mask: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class MaskSample:
-    """One image of a mask folder: foreground and void masks (H, W) bool, one box per object (k, 4)."""
+    """One annotated image: foreground and void masks (H, W) bool, one box per object (k, 4)."""
 
     name: str
     image: Image.Image
@@ -172,16 +172,20 @@ class CocoDataset(Dataset):
                 or not isinstance(data.get("annotations"), list):
             raise ValueError(f"{path} is not a COCO instances file: it needs 'images' and 'annotations' lists")
         by_image: dict[Any, list[dict]] = defaultdict(list)
-        for annotation in data["annotations"]:
-            by_image[annotation["image_id"]].append(annotation)
-        # Only images with at least one non-crowd object can be scored (Jaccard and CorLoc need one).
-        self.images = [image for image in data["images"]
-                       if any(not a.get("iscrowd", 0) for a in by_image.get(image["id"], []))]
+        try:
+            for annotation in data["annotations"]:
+                by_image[annotation["image_id"]].append(annotation)
+            # Only images with at least one non-crowd object can be scored (Jaccard and CorLoc need one).
+            self.images = [image for image in data["images"]
+                           if any(not a.get("iscrowd", 0) for a in by_image.get(image["id"], []))]
+            self.names = [Path(image["file_name"]).stem for image in self.images]
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path}: an entry lacks a COCO key ({error!r}); images need 'id' and "
+                             "'file_name', annotations 'image_id' and 'bbox'") from error
         self.annotations = by_image
         self.skipped = len(data["images"]) - len(self.images)
         if not self.images:
             raise ValueError(f"{path}: no image has a non-crowd annotation; nothing to score")
-        self.names = [Path(image["file_name"]).stem for image in self.images]
 
     def __len__(self) -> int:
         return len(self.images)
