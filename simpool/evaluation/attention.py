@@ -239,8 +239,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_model_flags(parser)
     group = parser.add_argument_group("data and scoring")
     group.add_argument("--data_path", default=None, type=str,
-                       help=f"VOC-style folder (JPEGImages/ + SegmentationObject/ PNG masks) or "
-                            f"{FASHION_ON_PHOTOS}[:N] (N generated test images, default {DEFAULT_FASHION_IMAGES})")
+                       help=f"VOC-style folder (JPEGImages/ + SegmentationObject/ PNG masks), a folder of images "
+                            f"with --annotations (COCO JSON), or {FASHION_ON_PHOTOS}[:N] (N generated test images, "
+                            f"default {DEFAULT_FASHION_IMAGES})")
     group.add_argument("--annotations", default=None, type=str,
                        help="COCO-style instances JSON for the images in --data_path (boxes; polygons when "
                             "present): CorLoc against the boxes, Jaccard against polygons or filled boxes")
