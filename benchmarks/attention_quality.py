@@ -153,16 +153,19 @@ def train_supervised(args: argparse.Namespace, mode: str, seed: int) -> tuple[to
     """The same ViT + a linear classifier trained on the item class of the DINO training images.
 
     Cross-entropy, AdamW (weight decay 0.05) with a one-cycle lr peaking at ``--sup_lr``, batch ``--batch_size``,
-    ``--sup_epochs`` epochs; per image a random resized crop (scale 0.5-1) and a horizontal flip. Returns the
-    backbone (eval mode) and its classifier's top-1 on the ``--val_images`` test-split images."""
+    ``--sup_epochs`` epochs; per image a random resized crop (scale 0.5-1) and a horizontal flip; on CUDA when
+    there is one (as the DINO trainer). Returns the backbone (eval mode) and its classifier's top-1 on the
+    ``--val_images`` test-split images."""
     from torchvision.transforms import v2
 
     size = args.image_size
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the DINO trainer picks it
     train = make_fashion_on_photos(args.train_images, image_size=size, seed=0, split="train")  # = train/ folder
     val = make_fashion_on_photos(args.val_images, image_size=size, seed=0, split="test")  # = val/ folder
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    model = random_init_model(args, mode, seed).train()
-    classifier = torch.nn.Linear(args.width, len(FASHION_MNIST_CLASSES))
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    model = random_init_model(args, mode, seed).train().to(device)
+    classifier = torch.nn.Linear(args.width, len(FASHION_MNIST_CLASSES)).to(device)
     params = [*model.parameters(), *classifier.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.sup_lr, weight_decay=0.05)
     steps_per_epoch = args.train_images // args.batch_size
@@ -174,8 +177,9 @@ def train_supervised(args: argparse.Namespace, mode: str, seed: int) -> tuple[to
         order = torch.randperm(args.train_images)
         for step in range(steps_per_epoch):
             index = order[step * args.batch_size : (step + 1) * args.batch_size]
-            images = torch.stack([augment(train.images[i]) for i in index]).float() / 255
-            loss = torch.nn.functional.cross_entropy(classifier(model((images - mean) / std)), train.labels[index])
+            images = torch.stack([augment(train.images[i]) for i in index]).to(device).float() / 255
+            labels = train.labels[index].to(device)
+            loss = torch.nn.functional.cross_entropy(classifier(model((images - mean) / std)), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -183,8 +187,8 @@ def train_supervised(args: argparse.Namespace, mode: str, seed: int) -> tuple[to
     seconds = time.perf_counter() - started
     model.eval()
     with torch.no_grad():
-        predictions = classifier(model((val.images.float() / 255 - mean) / std)).argmax(dim=1)
-    top1 = 100.0 * float((predictions == val.labels).float().mean())
+        predictions = classifier(model((val.images.to(device).float() / 255 - mean) / std)).argmax(dim=1)
+    top1 = 100.0 * float((predictions.cpu() == val.labels).float().mean())
     return model, {"train_seconds": seconds, "images_per_second": args.train_images * args.sup_epochs / seconds,
                    "final_loss": float(loss.detach()), "top1": top1}
 
