@@ -58,8 +58,13 @@ from simpool.dino.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from simpool.dino.train import main as train_dino  # noqa: E402
 from simpool.evaluation.attention import evaluate_attention, fashion_samples, format_table  # noqa: E402
 from simpool.evaluation.attention_metrics import evaluate_maps, mask_to_box  # noqa: E402
+from simpool.evaluation.knn import knn_classifier  # noqa: E402
 from simpool.export import load_any_backbone  # noqa: E402
-from simpool.fashion_on_photos import make_fashion_on_photos, render_fashion_on_photo  # noqa: E402
+from simpool.fashion_on_photos import (  # noqa: E402
+    load_background_photos,
+    make_fashion_on_photos,
+    render_fashion_on_photo,
+)
 from simpool.models import build_backbone  # noqa: E402
 from simpool.visualize import attention_maps, compare_figure, model_stride, prepare_image  # noqa: E402
 
@@ -193,6 +198,34 @@ def train_supervised(args: argparse.Namespace, mode: str, seed: int) -> tuple[to
                    "final_loss": float(loss.detach()), "top1": top1}
 
 
+def labelled_images(args: argparse.Namespace, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first n images of a split (the train/ or val/ folder's images), normalised, with two labels each: the
+    item's Fashion-MNIST class and the index of the background photo."""
+    photos = [name for name, _ in load_background_photos()]
+    samples = [render_fashion_on_photo(i, image_size=args.image_size, seed=0, split=split) for i in range(n)]
+    images = torch.from_numpy(np.stack([sample.image for sample in samples])).permute(0, 3, 1, 2).float() / 255
+    images = (images - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images, torch.tensor([sample.label for sample in samples]),
+            torch.tensor([photos.index(sample.photo) for sample in samples]))
+
+
+@torch.no_grad()
+def what_features_encode(model: torch.nn.Module, train: tuple, val: tuple) -> dict[str, float]:
+    """Weighted 20-NN top-1 (T = 0.07) of the pooled features, train images -> val images, for the item class
+    (what attention on the item serves) and for the background photo (train and val use disjoint halves of each
+    photo, so this is texture identity, not memorised pixels): which of the two the network has learned."""
+    device = next(model.parameters()).device
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        chunks = [model(chunk.to(device)).float().cpu() for chunk in images.split(256)]
+        return torch.nn.functional.normalize(torch.cat(chunks), dim=1)
+
+    train_features, val_features = features(train[0]), features(val[0])
+    return {name: knn_classifier(train_features, train[column], val_features, val[column], k=KNN_K, T=0.07,
+                                 num_classes=int(train[column].max()) + 1)[0]
+            for name, column in (("item_knn", 1), ("photo_knn", 2))}
+
+
 def random_init_model(args: argparse.Namespace, mode: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_backbone("vit_tiny", mode=mode, patch_size=args.patch_size, depth=args.depth, embed_dim=args.width,
@@ -228,9 +261,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summary_table(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """Per regime: official head-average map, official best head, simpool; then both untrained networks.
-    Columns: mean ± std over seeds of the three map scores and of what the training learned (DINO: 20-NN top-1;
-    supervised: classifier top-1; untrained: k-NN of the random-init network, from the DINO runs)."""
-    lines = [f"{'model':<40} {'Jaccard@60%':>15} {'best-thr Jaccard':>17} {'CorLoc':>15} {'top-1 (%)':>12}"]
+    Columns: mean ± std over seeds of the three map scores, of what the training learned (DINO: 20-NN top-1;
+    supervised: classifier top-1; untrained: k-NN of the random-init network, from the DINO runs) and of the
+    background-photo 20-NN of the features (:func:`what_features_encode`)."""
+    lines = [f"{'model':<40} {'Jaccard@60%':>15} {'best-thr Jaccard':>17} {'CorLoc':>15} {'top-1 (%)':>12} "
+             f"{'photo 20-NN':>12}"]
     lines.append("-" * len(lines[0]))
     summary: dict[str, Any] = {}
     variants = [(f"{regime}: {name}", regime, mode, key) for regime in REGIMES
@@ -261,8 +296,14 @@ def summary_table(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
             mean, std = mean_std(top1)
             entry["top1"] = {"mean": mean, "std": std}
         cells.append(f"{mean:.1f} ± {std:.1f}" if top1 else "")
+        photo = [run["encodes"]["untrained" if regime is None else "trained"]["photo_knn"]
+                 for run in chosen if "encodes" in run]
+        if photo:
+            mean, std = mean_std(photo)
+            entry["photo_knn"] = {"mean": mean, "std": std}
+        cells.append(f"{mean:.1f} ± {std:.1f}" if photo else "")
         summary[name] = entry
-        lines.append(f"{name:<40} {cells[0]:>15} {cells[1]:>17} {cells[2]:>15} {cells[3]:>12}")
+        lines.append(f"{name:<40} {cells[0]:>15} {cells[1]:>17} {cells[2]:>15} {cells[3]:>12} {cells[4]:>12}")
     return "\n".join(lines), summary
 
 
@@ -349,14 +390,20 @@ def train_and_score(args: argparse.Namespace, work: Path, regime: str, mode: str
         model, trained = train_supervised(args, mode, seed)
         learned = f"classifier top-1 {trained['top1']:.1f}"
     result = evaluate_attention(model, test_samples, image_size=args.image_size)
-    random = evaluate_attention(random_init_model(args, mode, seed), test_samples, image_size=args.image_size)
+    untrained = random_init_model(args, mode, seed)
+    random = evaluate_attention(untrained, test_samples, image_size=args.image_size)
+    probe_sets = (labelled_images(args, "train", args.train_images), labelled_images(args, "test", args.val_images))
+    encodes = {"trained": what_features_encode(model.eval(), *probe_sets),
+               "untrained": what_features_encode(untrained, *probe_sets)}
     voc_map, voc = voc_scores(model, image, mask, boxes, args.overlay_size)
     run = {"regime": regime, "mode": mode, "seed": seed, "train": trained, "rows": result["rows"],
            "headline": headline(result), "best_head": result["report"]["best_head"],
-           "random_init": headline(random), "voc_photo": voc}
+           "random_init": headline(random), "voc_photo": voc, "encodes": encodes}
     report = (f"seed {seed} {regime} {mode}: {trained['train_seconds']:.0f} s "
               f"({trained['images_per_second']:.0f} img/s), loss {trained['final_loss']:.3f}, {learned}\n"
-              f"{format_table(result['rows'])}")
+              f"features, 20-NN top-1: item {encodes['trained']['item_knn']:.1f}, background photo "
+              f"{encodes['trained']['photo_knn']:.1f} (untrained {encodes['untrained']['item_knn']:.1f}, "
+              f"{encodes['untrained']['photo_knn']:.1f})\n{format_table(result['rows'])}")
     return {**run, "report": report}, voc_map
 
 

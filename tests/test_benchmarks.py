@@ -56,6 +56,9 @@ def test_attention_quality_benchmark_trains_both_regimes_and_reports_margins(tmp
     for name in ("dino: simpool, map a", "supervised: official, head-average map", "untrained: simpool, map a"):
         assert name in out and 0.0 <= results["summary"][name]["jaccard_mass"]["mean"] <= 1.0
     assert len(results["margins"]) == 4 and "one seed" in results["margins"][0]
+    for run in results["runs"]:  # what the features encode: item class and background photo, 20-NN top-1 in %
+        assert all(0.0 <= value <= 100.0 for state in run["encodes"].values() for value in state.values())
+    assert "photo 20-NN" in out
     assert (tmp_path / "voc_seed0.png").is_file()
 
 
