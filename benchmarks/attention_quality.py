@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -60,11 +60,7 @@ from simpool.evaluation.attention import evaluate_attention, fashion_samples, fo
 from simpool.evaluation.attention_metrics import evaluate_maps, mask_to_box  # noqa: E402
 from simpool.evaluation.knn import knn_classifier  # noqa: E402
 from simpool.export import load_any_backbone  # noqa: E402
-from simpool.fashion_on_photos import (  # noqa: E402
-    load_background_photos,
-    make_fashion_on_photos,
-    render_fashion_on_photo,
-)
+from simpool.fashion_on_photos import load_background_photos, render_fashion_on_photo  # noqa: E402
 from simpool.models import build_backbone  # noqa: E402
 from simpool.visualize import attention_maps, compare_figure, model_stride, prepare_image  # noqa: E402
 
@@ -154,8 +150,9 @@ def train(args: argparse.Namespace, data_root: Path, run_dir: Path, mode: str, s
     }
 
 
-def train_supervised(args: argparse.Namespace, mode: str, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The same ViT + a linear classifier trained on the item class of the DINO training images.
+def train_supervised(args: argparse.Namespace, mode: str, seed: int, train: LabelledImages,
+                     val: LabelledImages) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The same ViT + a linear classifier trained on the item class of the DINO training images (``train``).
 
     Cross-entropy, AdamW (weight decay 0.05) with a one-cycle lr peaking at ``--sup_lr``, batch ``--batch_size``,
     ``--sup_epochs`` epochs; per image a random resized crop (scale 0.5-1) and a horizontal flip; on CUDA when
@@ -165,10 +162,6 @@ def train_supervised(args: argparse.Namespace, mode: str, seed: int) -> tuple[to
 
     size = args.image_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the DINO trainer picks it
-    train = make_fashion_on_photos(args.train_images, image_size=size, seed=0, split="train")  # = train/ folder
-    val = make_fashion_on_photos(args.val_images, image_size=size, seed=0, split="test")  # = val/ folder
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     model = random_init_model(args, mode, seed).train().to(device)
     classifier = torch.nn.Linear(args.width, len(FASHION_MNIST_CLASSES)).to(device)
     params = [*model.parameters(), *classifier.parameters()]
@@ -182,9 +175,9 @@ def train_supervised(args: argparse.Namespace, mode: str, seed: int) -> tuple[to
         order = torch.randperm(args.train_images)
         for step in range(steps_per_epoch):
             index = order[step * args.batch_size : (step + 1) * args.batch_size]
-            images = torch.stack([augment(train.images[i]) for i in index]).to(device).float() / 255
+            images = normalise(torch.stack([augment(train.images[i]) for i in index]).to(device))
             labels = train.labels[index].to(device)
-            loss = torch.nn.functional.cross_entropy(classifier(model((images - mean) / std)), labels)
+            loss = torch.nn.functional.cross_entropy(classifier(model(images)), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -192,38 +185,51 @@ def train_supervised(args: argparse.Namespace, mode: str, seed: int) -> tuple[to
     seconds = time.perf_counter() - started
     model.eval()
     with torch.no_grad():
-        predictions = classifier(model((val.images.to(device).float() / 255 - mean) / std)).argmax(dim=1)
+        predictions = classifier(model(normalise(val.images.to(device)))).argmax(dim=1)
     top1 = 100.0 * float((predictions.cpu() == val.labels).float().mean())
     return model, {"train_seconds": seconds, "images_per_second": args.train_images * args.sup_epochs / seconds,
                    "final_loss": float(loss.detach()), "top1": top1}
 
 
-def labelled_images(args: argparse.Namespace, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first n images of a split (the train/ or val/ folder's images), normalised, with two labels each: the
-    item's Fashion-MNIST class and the index of the background photo."""
+class LabelledImages(NamedTuple):
+    """images (n, 3, S, S) uint8; labels (n,) the item's Fashion-MNIST class; photos (n,) background photo index."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    photos: torch.Tensor
+
+
+def labelled_images(args: argparse.Namespace, split: str, n: int) -> LabelledImages:
+    """The first n images of a split: the images of the train/ (``"train"``) or val/ (``"test"``) folder."""
     photos = [name for name, _ in load_background_photos()]
     samples = [render_fashion_on_photo(i, image_size=args.image_size, seed=0, split=split) for i in range(n)]
-    images = torch.from_numpy(np.stack([sample.image for sample in samples])).permute(0, 3, 1, 2).float() / 255
-    images = (images - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images, torch.tensor([sample.label for sample in samples]),
-            torch.tensor([photos.index(sample.photo) for sample in samples]))
+    return LabelledImages(images=torch.from_numpy(np.stack([sample.image for sample in samples])).permute(0, 3, 1, 2),
+                          labels=torch.tensor([sample.label for sample in samples]),
+                          photos=torch.tensor([photos.index(sample.photo) for sample in samples]))
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 with the ImageNet mean and std, on the images' device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
 
 
 @torch.no_grad()
-def what_features_encode(model: torch.nn.Module, train: tuple, val: tuple) -> dict[str, float]:
+def what_features_encode(model: torch.nn.Module, train: LabelledImages, val: LabelledImages) -> dict[str, float]:
     """Weighted 20-NN top-1 (T = 0.07) of the pooled features, train images -> val images, for the item class
     (what attention on the item serves) and for the background photo (train and val use disjoint halves of each
     photo, so this is texture identity, not memorised pixels): which of the two the network has learned."""
     device = next(model.parameters()).device
 
     def features(images: torch.Tensor) -> torch.Tensor:
-        chunks = [model(chunk.to(device)).float().cpu() for chunk in images.split(256)]
+        chunks = [model(normalise(chunk.to(device))).float().cpu() for chunk in images.split(256)]
         return torch.nn.functional.normalize(torch.cat(chunks), dim=1)
 
-    train_features, val_features = features(train[0]), features(val[0])
-    return {name: knn_classifier(train_features, train[column], val_features, val[column], k=KNN_K, T=0.07,
-                                 num_classes=int(train[column].max()) + 1)[0]
-            for name, column in (("item_knn", 1), ("photo_knn", 2))}
+    train_features, val_features = features(train.images), features(val.images)
+    return {name: knn_classifier(train_features, getattr(train, field), val_features, getattr(val, field), k=KNN_K,
+                                 T=0.07, num_classes=int(getattr(train, field).max()) + 1)[0]
+            for name, field in (("item_knn", "labels"), ("photo_knn", "photos"))}
 
 
 def random_init_model(args: argparse.Namespace, mode: str, seed: int) -> torch.nn.Module:
@@ -380,6 +386,8 @@ def train_and_score(args: argparse.Namespace, work: Path, regime: str, mode: str
     torch.set_num_threads(1)
     test_samples = fashion_samples(args.test_images, args.image_size)  # = the first val images, with masks
     image, mask, boxes = voc_photo()
+    train_set = labelled_images(args, "train", args.train_images)  # the images of train/ and val/, with labels
+    val_set = labelled_images(args, "test", args.val_images)
     if regime == "dino":
         run_dir = work / f"{mode}_seed{seed}"
         trained = train(args, work / "data", run_dir, mode, seed)
@@ -387,14 +395,13 @@ def train_and_score(args: argparse.Namespace, work: Path, regime: str, mode: str
         learned = (f"{KNN_K}-NN {trained['knn_top1']:.1f} (random init {trained['knn_top1_random_init']:.1f}, "
                    f"raw pixels {trained['knn_top1_raw_pixels']:.1f})")
     else:
-        model, trained = train_supervised(args, mode, seed)
+        model, trained = train_supervised(args, mode, seed, train_set, val_set)
         learned = f"classifier top-1 {trained['top1']:.1f}"
     result = evaluate_attention(model, test_samples, image_size=args.image_size)
     untrained = random_init_model(args, mode, seed)
     random = evaluate_attention(untrained, test_samples, image_size=args.image_size)
-    probe_sets = (labelled_images(args, "train", args.train_images), labelled_images(args, "test", args.val_images))
-    encodes = {"trained": what_features_encode(model.eval(), *probe_sets),
-               "untrained": what_features_encode(untrained, *probe_sets)}
+    encodes = {"trained": what_features_encode(model.eval(), train_set, val_set),
+               "untrained": what_features_encode(untrained, train_set, val_set)}
     voc_map, voc = voc_scores(model, image, mask, boxes, args.overlay_size)
     run = {"regime": regime, "mode": mode, "seed": seed, "train": trained, "rows": result["rows"],
            "headline": headline(result), "best_head": result["report"]["best_head"],
