@@ -55,8 +55,8 @@ from simpool.checkpoint import (
     load_pretrained,
     safe_load,
 )
-from simpool.dino.config import float_or_none, key_value
-from simpool.models import DEFAULT, MODES, build_backbone
+from simpool.flags import float_or_none, key_value
+from simpool.models import AUTO_GAMMA, MODES, build_backbone
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class BackboneSpec:
 
     arch: str
     mode: str
-    gamma: Any  # a float, None (no gamma) or simpool.models.DEFAULT (the arch's default)
+    gamma: Any  # a float, None (no gamma) or simpool.models.AUTO_GAMMA (the arch's default)
     patch_size: int
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -120,7 +120,7 @@ def resolve_spec(
 ) -> BackboneSpec:
     """Combine explicit flags (which win) with recorded training args.
 
-    ``gamma``: ``NOT_GIVEN`` -> the recorded one; ``"auto"``/``DEFAULT`` -> the arch's default; ``None`` -> no
+    ``gamma``: ``NOT_GIVEN`` -> the recorded one; ``AUTO_GAMMA`` (``"auto"``) -> the arch's default; ``None`` -> no
     gamma. facebookresearch/dino's args have no ``mode``: such a run is DINO's own, i.e. ``"official"``.
     """
     arch = arch or args.get("arch")
@@ -134,9 +134,7 @@ def resolve_spec(
             raise ValueError(f"{source} records no training args: pass --mode simpool or --mode official")
         mode = args.get("mode", "official")
     if gamma is NOT_GIVEN:
-        gamma = args.get("gamma", "auto")
-    if gamma == "auto":
-        gamma = DEFAULT
+        gamma = args.get("gamma", AUTO_GAMMA)
     patch_size = int(patch_size or args.get("patch_size") or 16)
     merged = {**dict(args.get("model_overrides") or {}), **dict(overrides or {})}
     return BackboneSpec(arch, mode, gamma, patch_size, merged)

@@ -21,42 +21,12 @@ from typing import Any
 
 import yaml
 
+from simpool.flags import AUTO_GAMMA, bool_flag, float_or_none, key_value
 from simpool.models import is_known_arch
 
 
 class ConfigError(ValueError):
     """A flag value that cannot work; the message names the flag."""
-
-
-def bool_flag(value: str | bool) -> bool:
-    """The reference's boolean parser: ``True/False``, ``1/0``, ``yes/no`` (any case)."""
-    if isinstance(value, bool):
-        return value
-    lowered = str(value).lower()
-    if lowered in {"true", "1", "yes", "on"}:
-        return True
-    if lowered in {"false", "0", "no", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def float_or_none(value: str | float | None) -> float | str | None:
-    """``None``/``null`` -> None (SimPool without gamma); ``auto`` -> the arch's default; else a float."""
-    if value is None or str(value).lower() in {"none", "null"}:
-        return None
-    if str(value).lower() == "auto":
-        return "auto"
-    return float(value)
-
-
-def key_value(value: str | dict) -> dict[str, Any]:
-    """``depth=4`` -> {"depth": 4}; values are parsed as YAML scalars/lists (``layers=[1,1,1,1]``)."""
-    if isinstance(value, dict):
-        return value
-    if "=" not in value:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {value!r}")
-    key, raw = value.split("=", 1)
-    return {key: yaml.safe_load(raw)}
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -85,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--gamma",
-        default="auto",
+        default=AUTO_GAMMA,
         type=float_or_none,
         help="SimPool exponent; 'None' for no gamma; default: 1.25 for ViTs, 2.0 for convnets",
     )
@@ -291,7 +261,7 @@ def validate_args(args: argparse.Namespace) -> None:
     args.local_crops_scale = _check_scale("local_crops_scale", args.local_crops_scale)
     if not 0 <= args.momentum_teacher <= 1:
         raise ConfigError(f"--momentum_teacher must be in [0, 1], got {args.momentum_teacher}")
-    if args.gamma not in (None, "auto") and args.gamma <= 0:
+    if args.gamma not in (None, AUTO_GAMMA) and args.gamma <= 0:
         raise ConfigError(f"--gamma must be positive, 'None' or 'auto', got {args.gamma}")
     if any(k <= 0 for k in args.nb_knn):
         raise ConfigError(f"--nb_knn values must be positive, got {args.nb_knn}")

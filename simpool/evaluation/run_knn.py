@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from simpool.dino.config import bool_flag
 from simpool.distributed import DistInfo, barrier, cleanup, is_main_process
 from simpool.evaluation.common import (
     EvalSetupError,
@@ -47,6 +46,7 @@ from simpool.evaluation.common import (
 )
 from simpool.evaluation.features import eval_transform, extract_features, load_features, save_features
 from simpool.evaluation.knn import knn_classifier
+from simpool.flags import bool_flag
 
 RESULTS_FILE = "knn.json"
 SPLIT_FILES = {"train": "train.pth", "val": "val.pth"}

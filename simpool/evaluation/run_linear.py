@@ -48,7 +48,6 @@ from torchvision import transforms
 
 from simpool.checkpoint import CheckpointError, atomic_save, safe_load
 from simpool.data import collate_skip_bad
-from simpool.dino.config import bool_flag
 from simpool.distributed import DistInfo, all_reduce_sum, barrier, cleanup, is_main_process
 from simpool.evaluation.common import (
     EvalSetupError,
@@ -76,6 +75,7 @@ from simpool.evaluation.linear import (
     sgd_step_per_head,
     train_linear_on_features,
 )
+from simpool.flags import bool_flag
 
 CHECKPOINT_FILE = "checkpoint.pth.tar"
 LOG_FILE = "log.txt"

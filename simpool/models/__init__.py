@@ -17,7 +17,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from simpool.models.base import MODES, PooledBackbone
+from simpool.models.base import AUTO_GAMMA, MODES, PooledBackbone
 from simpool.models.cnn import SimPoolConvNeXt, SimPoolResNet
 from simpool.models.timm_any import TimmBackbone
 from simpool.models.vit import SimPoolViT
@@ -36,8 +36,6 @@ ARCHS: dict[str, tuple[type[nn.Module], float, dict[str, Any]]] = {
     "convnext_base": (SimPoolConvNeXt, 2.0, {"depths": (3, 3, 27, 3), "dims": (128, 256, 512, 1024)}),
 }
 
-AUTO = "auto"  # gamma="auto": the arch's paper default; gamma=None: no gamma (plain attention-weighted mean)
-DEFAULT = AUTO  # kept as an alias
 
 
 def is_known_arch(arch: str) -> bool:
@@ -54,7 +52,7 @@ def default_gamma(arch: str) -> float | None:
 def build_backbone(
     arch: str,
     mode: str = "simpool",
-    gamma: float | str | None = AUTO,
+    gamma: float | str | None = AUTO_GAMMA,
     patch_size: int = 16,
     drop_path_rate: float = 0.0,
     **overrides: Any,
@@ -89,9 +87,9 @@ def build_backbone(
     kwargs = {**arch_kwargs, **overrides}
     if cls is SimPoolViT:
         kwargs["patch_size"] = patch_size
-    return cls(mode=mode, gamma=arch_gamma if gamma == AUTO else gamma, arch=arch,
+    return cls(mode=mode, gamma=arch_gamma if gamma == AUTO_GAMMA else gamma, arch=arch,
                drop_path_rate=drop_path_rate, **kwargs)
 
 
-__all__ = ["ARCHS", "MODES", "PooledBackbone", "SimPoolConvNeXt", "SimPoolResNet", "SimPoolViT",
+__all__ = ["ARCHS", "AUTO_GAMMA", "MODES", "PooledBackbone", "SimPoolConvNeXt", "SimPoolResNet", "SimPoolViT",
            "TimmBackbone", "build_backbone", "default_gamma", "is_known_arch"]

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 MODES = ("simpool", "official")
+# gamma=AUTO_GAMMA: the arch's paper default (1.25 transformers, 2.0 convnets); gamma=None: no gamma (the plain
+# attention-weighted mean). The one spelling everywhere: flags, YAML, build_backbone, recorded args.
+AUTO_GAMMA = "auto"
 
 
 class PooledBackbone(nn.Module):

@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from simpool.models.base import PooledBackbone, check_mode
+from simpool.models.base import AUTO_GAMMA, PooledBackbone, check_mode
 from simpool.pooling import SimPool, pooled_attention_grid
 
 
@@ -31,14 +31,14 @@ class TimmBackbone(PooledBackbone):
 
     family = "timm"
 
-    def __init__(self, arch: str, mode: str = "simpool", gamma: float | str | None = "auto", **timm_kwargs: Any):
+    def __init__(self, arch: str, mode: str = "simpool", gamma: float | str | None = AUTO_GAMMA, **timm_kwargs: Any):
         super().__init__()
         check_mode(mode)
         self.model = timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs)
         self.arch, self.mode = arch, mode
         self.embed_dim = self.model.num_features
         self.is_transformer = looks_like_transformer(self.model)
-        if gamma == "auto":
+        if gamma == AUTO_GAMMA:
             gamma = 1.25 if self.is_transformer else 2.0
         self.gamma = gamma if mode == "simpool" else None
         self.build_kwargs = dict(timm_kwargs)
