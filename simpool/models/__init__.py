@@ -42,6 +42,16 @@ def is_known_arch(arch: str) -> bool:
     return arch in ARCHS or timm.is_model(arch)
 
 
+def arch_family(arch: str) -> str:
+    """The family of a known arch before any model is built: ``"vit"``, ``"resnet"``, ``"convnext"`` or ``"timm"``
+    (any other timm model; build it and read ``model.family`` / ``model.is_convnet`` for more)."""
+    if arch in ARCHS:
+        return ARCHS[arch][0].family
+    if timm.is_model(arch):
+        return "timm"
+    raise ValueError(f"unknown arch {arch!r}. Known: {', '.join(ARCHS)}; or any timm model name")
+
+
 def default_gamma(arch: str) -> float | None:
     """1.25 for transformers, 2.0 for convnets; for other timm models decided when the model is built."""
     if arch in ARCHS:
@@ -92,4 +102,4 @@ def build_backbone(
 
 
 __all__ = ["ARCHS", "AUTO_GAMMA", "MODES", "PooledBackbone", "SimPoolConvNeXt", "SimPoolResNet", "SimPoolViT",
-           "TimmBackbone", "build_backbone", "default_gamma", "is_known_arch"]
+           "TimmBackbone", "arch_family", "build_backbone", "default_gamma", "is_known_arch"]

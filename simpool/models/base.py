@@ -27,6 +27,12 @@ class PooledBackbone(nn.Module):
     family: str
     build_kwargs: dict[str, Any]
 
+    @property
+    def is_convnet(self) -> bool:
+        """True when the trunk is convolutional (ResNet, ConvNeXt, a timm convnet): such models run faster in
+        ``torch.channels_last`` on CUDA, transformers do not."""
+        return self.family in ("resnet", "convnext")
+
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every family overrides
         raise NotImplementedError
 

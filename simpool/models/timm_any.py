@@ -44,6 +44,10 @@ class TimmBackbone(PooledBackbone):
         self.build_kwargs = dict(timm_kwargs)
         self.simpool = SimPool(self.embed_dim, gamma=self.gamma) if mode == "simpool" else None
 
+    @property
+    def is_convnet(self) -> bool:
+        return not self.is_transformer
+
     def _features_for_pooling(self, x: torch.Tensor) -> torch.Tensor:
         features = self.model.forward_features(x)
         if features.ndim == 3:
