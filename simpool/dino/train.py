@@ -27,7 +27,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from simpool.checkpoint import FORMAT_KEY, FORMAT_VERSION, CheckpointError, atomic_save, safe_load
-from simpool.data import DataError, ResumableDistributedSampler, build_dataset, collate_skip_bad, seed_worker
+from simpool.data import (
+    DataError,
+    ResumableDistributedSampler,
+    build_dataset,
+    build_labelled_splits,
+    collate_skip_bad,
+    seed_worker,
+)
 from simpool.dino.augment import DataAugmentationDINO
 from simpool.dino.config import ConfigError, args_to_yaml, parse_args, resolve_precision
 from simpool.dino.gpu_augment import DecodeForGPU, GPUMultiCrop, collate_padded_skip_bad
@@ -37,6 +44,9 @@ from simpool.dino.optim import build_optimizer, get_params_groups
 from simpool.dino.schedules import cosine_scheduler, scaled_lr
 from simpool.dino.step import DINOStep, unwrap
 from simpool.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from simpool.evaluation.features import eval_transform, evenly_spaced_subset, extract_features
+from simpool.evaluation.knn import knn_on_features
+from simpool.logs import setup_logging
 from simpool.models import build_backbone
 from simpool.run_log import RunLogger, Throughput, format_seconds, peak_memory_gib
 
@@ -187,6 +197,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.dist = init_distributed(args.dist_url, args.backend)
+        setup_logging(self.dist.rank)
         self.device = self.dist.device
         self.output_dir = Path(args.output_dir)
         self.checkpoint_path = self.output_dir / "checkpoint.pth"
@@ -436,9 +447,6 @@ class Trainer:
     def knn_datasets(self):
         """The labelled (train, val) k-NN splits, listed once per run (listing ImageNet takes minutes)."""
         if not hasattr(self, "_knn_splits"):
-            from simpool.data import build_labelled_splits
-            from simpool.evaluation.features import eval_transform, evenly_spaced_subset
-
             transform = eval_transform(self.args.global_crops_size)
             try:
                 train, val = build_labelled_splits(self.args.data_path, transform=transform)
@@ -451,16 +459,11 @@ class Trainer:
 
     def _knn_on(self, embed, datasets) -> dict[str, list[float]]:
         """{k: [top1, top5]} (JSON-ready) of weighted k-NN on the features ``embed`` gives."""
-        from simpool.evaluation.features import extract_features
-        from simpool.evaluation.knn import knn_classifier
-
         train, val = datasets
         batch = max(self.args.batch_size_per_gpu, 64)
-        train_x, train_y = extract_features(embed, train, batch, self.args.num_workers, self.device)
-        val_x, val_y = extract_features(embed, val, batch, self.args.num_workers, self.device)
-        num_classes = int(max(train_y.max(), val_y.max()) + 1)
-        ks = [k for k in self.args.nb_knn if k <= len(train_x)]
-        results = knn_classifier(train_x, train_y, val_x, val_y, ks, self.args.temperature, num_classes=num_classes)
+        train_features = extract_features(embed, train, batch, self.args.num_workers, self.device)
+        val_features = extract_features(embed, val, batch, self.args.num_workers, self.device)
+        results = knn_on_features(train_features, val_features, self.args.nb_knn, self.args.temperature)
         return {str(k): [round(top1, 2), round(top5, 2)] for k, (top1, top5) in results.items()}
 
     def online_knn(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from simpool.export import (
     load_any_backbone,
     resolve_spec,
 )
+from simpool.logs import setup_logging
 from simpool.models import build_backbone
 
 # What --random_init builds when --arch / --mode are not given (DINO's default arch, this project's mode).
@@ -165,6 +166,7 @@ def require_data_path(args: argparse.Namespace) -> None:
 def setup_distributed(args: argparse.Namespace) -> DistInfo:
     """Join the launcher's process group (or run alone) and pick this process's device."""
     dist_info = init_distributed(args.dist_url)
+    setup_logging(dist_info.rank)
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels once
     return dist_info

@@ -39,12 +39,18 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 
 import faiss
 import torch
 
-__all__ = ["knn_classifier", "knn_predict", "knn_search", "weighted_vote", "NUM_TOP_PREDICTIONS"]
+__all__ = [
+    "NUM_TOP_PREDICTIONS", "knn_classifier", "knn_on_features", "knn_predict", "knn_search", "usable_ks",
+    "weighted_vote",
+]
+
+log = logging.getLogger(__name__)
 
 # How many ranked classes are returned per query: enough for top-1 and top-5 accuracy.
 NUM_TOP_PREDICTIONS = 5
@@ -162,6 +168,41 @@ def knn_classifier(
     )
     results = {kk: _top1_top5(preds, test_labels, kk) for kk, preds in predictions.items()}
     return results if isinstance(k, Sequence) else results[ks[0]]
+
+
+def usable_ks(nb_knn: Sequence[int], bank_size: int) -> list[int]:
+    """The requested k that fit in a bank of ``bank_size`` features, in order, without repeats; the whole bank
+    when none fits (a k above the bank has too few neighbours)."""
+    ks = [k for k in dict.fromkeys(nb_knn) if k <= bank_size]
+    if len(ks) < len(set(nb_knn)):
+        log.info("note: k > %d skipped: there are only %d train images", bank_size, bank_size)
+    return ks or [bank_size]
+
+
+def knn_on_features(
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    nb_knn: Sequence[int],
+    temperature: float,
+    device: torch.device | None = None,
+) -> dict[int, tuple[float, float]]:
+    """``{k: (top1, top5)}`` of the weighted k-NN for every usable ``k`` of ``nb_knn``, from one search.
+
+    The one entry point of ``eval_knn.py`` and of the trainer's online k-NN. ``train`` / ``val`` are
+    (L2-normalised features, labels) pairs as ``extract_features`` returns them; the classes are counted over
+    both splits; the search runs on ``device`` (default: where the features are).
+
+    Example:
+        >>> train = extract_features(backbone, train_set)
+        >>> knn_on_features(train, extract_features(backbone, val_set), [10, 20], 0.07)
+        {10: (71.2, 89.0), 20: (71.9, 90.3)}
+    """
+    (train_x, train_y), (val_x, val_y) = train, val
+    device = device or train_x.device
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    ks = usable_ks(nb_knn, train_x.shape[0])
+    return knn_classifier(train_x.to(device), train_y.to(device), val_x.to(device), val_y.to(device), ks,
+                          temperature, num_classes=num_classes)
 
 
 def _top1_top5(predictions: torch.Tensor, test_labels: torch.Tensor, k: int) -> tuple[float, float]:

@@ -45,7 +45,7 @@ from simpool.evaluation.common import (
     write_json,
 )
 from simpool.evaluation.features import eval_transform, extract_features, load_features, save_features
-from simpool.evaluation.knn import knn_classifier
+from simpool.evaluation.knn import knn_on_features
 from simpool.flags import bool_flag
 
 RESULTS_FILE = "knn.json"
@@ -148,14 +148,6 @@ def dump_features(folder: str, splits: dict[str, tuple[torch.Tensor, torch.Tenso
 # ----------------------------------------------------------------------------------------------------------
 # k-NN and report
 # ----------------------------------------------------------------------------------------------------------
-def usable_ks(nb_knn: list[int], bank_size: int) -> list[int]:
-    """The requested k that fit in the bank (else the whole bank): a k above it has too few neighbours."""
-    ks = [k for k in dict.fromkeys(nb_knn) if k <= bank_size]
-    if len(ks) < len(set(nb_knn)):
-        print(f"note: k > {bank_size} skipped: there are only {bank_size} train images")
-    return ks or [bank_size]
-
-
 def format_table(results: dict[int, tuple[float, float]], temperature: float) -> str:
     lines = [f"weighted k-NN, T = {temperature}", f"{'k':>6} {'top-1':>8} {'top-5':>8}"]
     lines += [f"{k:>6} {top1:>8.2f} {top5:>8.2f}" for k, (top1, top5) in results.items()]
@@ -164,21 +156,9 @@ def format_table(results: dict[int, tuple[float, float]], temperature: float) ->
 
 def run_knn(args: argparse.Namespace, splits: dict[str, tuple], device: torch.device) -> dict[int, tuple]:
     """{k: (top1, top5)} for every usable --nb_knn from one search; on the GPU with --use_cuda and a GPU."""
-    train_x, train_y = splits["train"]
-    val_x, val_y = splits["val"]
     if not (args.use_cuda and device.type == "cuda"):
         device = torch.device("cpu")  # faiss' BLAS search
-    num_classes = int(max(train_y.max(), val_y.max())) + 1
-    ks = usable_ks(args.nb_knn, train_x.shape[0])
-    return knn_classifier(
-        train_x.to(device),
-        train_y.to(device),
-        val_x.to(device),
-        val_y.to(device),
-        ks,
-        args.temperature,
-        num_classes=num_classes,
-    )
+    return knn_on_features(splits["train"], splits["val"], args.nb_knn, args.temperature, device)
 
 
 def results_path(args: argparse.Namespace) -> Path | None:
