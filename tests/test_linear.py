@@ -87,6 +87,7 @@ def test_multi_lr_training_equals_per_head_sgd_with_the_cosine_formula():
     assert not torch.allclose(out["model"].heads[0].weight, out["model"].heads[2].weight)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no training here
 def test_per_epoch_lrs_follow_the_cosine_of_the_reference():
     lrs, epochs = [0.001, 0.1], 7
     optimizer, scheduler = probe_optimizer(MultiLRLinear(4, 2, num_heads=2), lrs, epochs)

@@ -288,7 +288,7 @@ def train_linear_on_features(
     train = feature_batches(train_feats.float(), train_labels.to(torch.int64), batch_size, generator)
     rank, world = get_rank(), get_world_size()
     val = feature_batches(val_feats[rank::world].float(), val_labels[rank::world].to(torch.int64), batch_size)
-    *_, (_, _, _, results) = fit(model, optimizer, scheduler, train, val, epochs, val_freq=epochs)
+    *_, (_, _, _, results) = fit(model, optimizer, scheduler, train, val, epochs, val_freq=epochs)  # last epoch
 
     per_lr = dict(zip(lrs, results, strict=True))
     best_lr = max(lrs, key=lambda lr: (per_lr[lr]["top1"], -per_lr[lr]["loss"]))

@@ -2,20 +2,22 @@
 
 :class:`ProbeState` is what one run trains and saves: the heads (:class:`~simpool.evaluation.linear.
 MultiLRLinear`), ``torch.optim.SGD`` with one param group per learning rate and its ``CosineAnnealingLR``
-(their ``state_dict()``\\ s go into the checkpoint, as dinov2's ``eval/linear.py`` does), the generator of the
+(their state dicts go into the checkpoint, as dinov2's ``eval/linear.py`` does), the generator of the
 cached-feature order and the global RNG of the image augmentations, so that a resumed run continues exactly
 where it stopped. :func:`train_probe` runs :func:`~simpool.evaluation.linear.fit` over either feature source
 and writes, per epoch, one JSON line to ``log.txt`` and ``checkpoint.pth.tar`` (atomically).
 
-Example (the run of ``eval_linear.py``, given the datasets and the frozen feature function)::
+Example (the state a checkpoint holds)::
 
-    >>> state = ProbeState.new(dim, num_labels, scaled_lrs(lrs, global_batch), epochs, seed, device)
-    >>> train_probe(state, trained, image_batches(...) or cached_batches(...), output_dir, meta, lrs, val_freq)
+    >>> state = ProbeState.new(32, 4, scaled_lrs([0.001, 0.01], 256), epochs=10, seed=0, device=torch.device("cpu"))
+    >>> [group["lr"] for group in state.optimizer.param_groups], sorted(state.state_dict())
+    ([0.001, 0.01], ['best_top1', 'epoch', 'generator', 'heads', 'last', 'optimizer', 'rng', 'scheduler'])
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,8 @@ from simpool.evaluation.linear import Batches, Embedded, MultiLRLinear, feature_
 CHECKPOINT_FILE = "checkpoint.pth.tar"
 LOG_FILE = "log.txt"
 PROBE_FORMAT = "simpool-linear-probe-2"  # 2: torch.optim / scheduler state (1 held hand-made momentum)
+
+log = logging.getLogger(__name__)
 
 
 def train_transform(image_size: int) -> transforms.Compose:
@@ -211,8 +215,8 @@ def train_probe(
         if results is not None:
             state.best_top1 = [max(b, r["top1"]) for b, r in zip(state.best_top1, results, strict=True)]
             state.last = results
-            stats.update(test_results(lrs, results))
-            print_results(f"epoch {epoch}", lrs, results, num_val)
+            stats.update(result_fields(lrs, results))
+            log_results(f"epoch {epoch}", lrs, results, num_val)
         state.epoch = epoch + 1
         if is_main_process():
             atomic_save({"format": PROBE_FORMAT, **checkpoint_meta, **state.state_dict()},
@@ -222,7 +226,7 @@ def train_probe(
         barrier()
 
 
-def test_results(lrs: Sequence[float], results: list[dict[str, float]]) -> dict[str, Any]:
+def result_fields(lrs: Sequence[float], results: list[dict[str, float]]) -> dict[str, Any]:
     """Log fields: the reference's test_acc1/test_acc5/test_loss (of the best head), and every head's."""
     best = max(range(len(lrs)), key=lambda h: (results[h]["top1"], -results[h]["loss"]))
     stats = {
@@ -236,14 +240,12 @@ def test_results(lrs: Sequence[float], results: list[dict[str, float]]) -> dict[
     return stats
 
 
-def print_results(when: str, lrs: Sequence[float], results: list[dict[str, float]], num_images: int) -> None:
-    if is_main_process():
-        for lr, r in zip(lrs, results, strict=True):
-            print(f"{when}: lr {lr:g}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f} "
-                  f"on {num_images} val images")
+def log_results(when: str, lrs: Sequence[float], results: list[dict[str, float]], num_images: int) -> None:
+    for lr, r in zip(lrs, results, strict=True):
+        log.info("%s: lr %g: top-1 %.2f%%  top-5 %.2f%%  loss %.4f on %d val images",
+                 when, lr, r["top1"], r["top5"], r["loss"], num_images)
 
 
-def print_summary(lrs: Sequence[float], best_top1: list[float]) -> None:
+def log_summary(lrs: Sequence[float], best_top1: list[float]) -> None:
     best = max(range(len(lrs)), key=lambda h: best_top1[h])
-    if is_main_process():
-        print(f"linear probe done: best top-1 {best_top1[best]:.2f}% (lr {lrs[best]:g})")
+    log.info("linear probe done: best top-1 %.2f%% (lr %g)", best_top1[best], lrs[best])

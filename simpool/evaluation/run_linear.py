@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -61,8 +62,8 @@ from simpool.evaluation.linear_probe import (
     cached_batches,
     check_same_probe,
     image_batches,
-    print_results,
-    print_summary,
+    log_results,
+    log_summary,
     probe_features,
     read_probe_checkpoint,
     resolve_num_labels,
@@ -71,6 +72,9 @@ from simpool.evaluation.linear_probe import (
     train_transform,
 )
 from simpool.flags import bool_flag
+from simpool.logs import setup_logging
+
+log = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -142,7 +146,6 @@ def check_linear_flags(args: argparse.Namespace) -> None:
         raise EvalSetupError(f"--num_labels must be >= 1, got {args.num_labels}")
 
 
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of eval_linear.py; returns the exit code (2: bad input, found before any training)."""
     try:
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         return bad_input(err)
     dist_info = setup_distributed(args)
+    setup_logging(dist_info.rank)
     device, output_dir = dist_info.device, Path(args.output_dir)
     checkpoint = output_dir / CHECKPOINT_FILE
     try:
@@ -176,38 +180,37 @@ def main(argv: list[str] | None = None) -> int:
         cleanup()
         return bad_input(err)
 
+    log.info("linear probe on %s (%s mode, gamma %s) from %s: %d-d features, %d labels, %d train / %d val images",
+             source.arch, source.mode, source.gamma, source.weights or "random initialisation", dim, num_labels,
+             len(train), len(val))
     if is_main_process():
-        print(f"linear probe on {source.arch} ({source.mode} mode, gamma {source.gamma}) from "
-              f"{source.weights or 'random initialisation'}: {dim}-d features, {num_labels} labels, "
-              f"{len(train)} train / {len(val)} val images")
         output_dir.mkdir(parents=True, exist_ok=True)
     batch, workers = args.batch_size_per_gpu, args.num_workers
     lrs = scaled_lrs(args.lrs, batch * dist_info.world_size)
     state = ProbeState.new(dim, num_labels, lrs, args.epochs, args.seed, device)
     if saved is not None:
         state.load_state_dict(saved)
-        if is_main_process():
-            print(f"{'loaded' if args.evaluate else 'resumed from'} {checkpoint} at epoch {state.epoch}")
+        log.info("%s %s at epoch %d", "loaded" if args.evaluate else "resumed from", checkpoint, state.epoch)
 
     if args.evaluate:
         results = evaluate(state.heads, image_batches(val, features, batch, workers, dist_info))
-        print_results("evaluate", args.lrs, results, len(val))
-    elif state.epoch < args.epochs:
-        if args.cached_features:  # every rank trains the same heads on all features: nothing to synchronise
-            trained, log_extra = state.heads, {"cached_features": True}
-            batches = cached_batches(train, val, features, batch, workers, dist_info, state.generator)
-        else:
-            trained, log_extra = state.heads, None
-            if dist_info.world_size > 1:  # gradients averaged over ranks, so every rank keeps identical heads
-                device_ids = [device.index] if device.type == "cuda" else None
-                trained = DistributedDataParallel(state.heads, device_ids=device_ids)
-            batches = (image_batches(train, features, batch, workers, dist_info, seed=args.seed),
-                       image_batches(val, features, batch, workers, dist_info))
-        meta = {**identity, "source": source.as_dict()}
-        train_probe(state, trained, batches, args.epochs, args.val_freq, args.lrs, len(val), output_dir, meta,
-                    log_extra)
-    if not args.evaluate:
-        print_summary(args.lrs, state.best_top1)
+        log_results("evaluate", args.lrs, results, len(val))
+    else:
+        if state.epoch < args.epochs:
+            if args.cached_features:  # every rank trains the same heads on all features: nothing to synchronise
+                trained, log_extra = state.heads, {"cached_features": True}
+                batches = cached_batches(train, val, features, batch, workers, dist_info, state.generator)
+            else:
+                trained, log_extra = state.heads, None
+                if dist_info.world_size > 1:  # gradients averaged over ranks: every rank keeps identical heads
+                    device_ids = [device.index] if device.type == "cuda" else None
+                    trained = DistributedDataParallel(state.heads, device_ids=device_ids)
+                batches = (image_batches(train, features, batch, workers, dist_info, seed=args.seed),
+                           image_batches(val, features, batch, workers, dist_info))
+            meta = {**identity, "source": source.as_dict()}
+            train_probe(state, trained, batches, args.epochs, args.val_freq, args.lrs, len(val), output_dir, meta,
+                        log_extra)
+        log_summary(args.lrs, state.best_top1)
     barrier()
     cleanup()
     return 0
