@@ -74,7 +74,7 @@ from simpool.evaluation.linear_probe import (
 from simpool.flags import bool_flag
 from simpool.logs import setup_logging
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("simpool.evaluation.run_linear")  # not __name__: "__main__" under python -m
 
 
 def get_args_parser() -> argparse.ArgumentParser:
