@@ -40,8 +40,8 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSample
 
 from simpool.distributed import all_reduce_sum, get_rank, get_world_size
 
-__all__ = ["Embedded", "MultiLRLinear", "accuracy", "evaluate", "feature_batches", "fit", "probe_optimizer",
-           "train_linear_on_features", "train_one_epoch"]
+__all__ = ["Embedded", "MultiLRLinear", "Permutation", "accuracy", "evaluate", "feature_batches", "fit",
+           "probe_optimizer", "train_linear_on_features", "train_one_epoch"]
 
 INIT_STD = 0.01  # the reference initialises the probe with N(0, 0.01^2) weights and zero bias
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (features (B, D), labels (B,)) on the heads' device
