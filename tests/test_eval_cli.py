@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import simpool.evaluation.linear_probe as linear_probe
 import simpool.evaluation.run_knn as run_knn
 import simpool.evaluation.run_linear as run_linear
 from simpool.dino.train import main as train_main
@@ -161,7 +162,7 @@ def test_bad_data_folders_stop_before_the_model_is_built(trained, tmp_path, caps
 # ----------------------------------------------------------------------------------------------------------
 # linear probe
 # ----------------------------------------------------------------------------------------------------------
-def test_linear_two_epochs_logs_checkpoints_and_resumes(trained, tmp_path, capsys):
+def test_linear_two_epochs_logs_checkpoints_and_resumes_exactly(trained, tmp_path, capsys, monkeypatch):
     photos, checkpoint = trained
     out = tmp_path / "lin"
     args = knn_args(photos, checkpoint, "--output_dir", str(out), "--lrs", "0.01", "1.0")
@@ -173,24 +174,47 @@ def test_linear_two_epochs_logs_checkpoints_and_resumes(trained, tmp_path, capsy
     assert log[0]["train_lr"] == pytest.approx([0.01 * 8 / 256, 8 / 256])
     assert log[1]["train_lr"] == pytest.approx([0.01 * 8 / 256 / 2, 8 / 256 / 2])
     state = torch.load(out / "checkpoint.pth.tar", weights_only=True)
-    assert state["epoch"] == 2 and state["heads"]["weight"].shape == (2, 4, 32)
-    assert not torch.equal(state["heads"]["weight"][0], state["heads"]["weight"][1])  # different lrs
+    assert state["epoch"] == 2 and state["heads"]["heads.0.weight"].shape == (4, 32)
+    assert not torch.equal(state["heads"]["heads.0.weight"], state["heads"]["heads.1.weight"])  # other lrs
+    assert [group["lr"] for group in state["optimizer"]["param_groups"]] == pytest.approx([0.0, 0.0], abs=1e-18)
+    assert len(state["optimizer"]["state"]) == 4 and state["scheduler"]["last_epoch"] == 2  # 2 heads x (W, b)
     assert "best top-1" in capsys.readouterr().out
+    assert run_linear.main([*args, "--epochs", "3"]) == 2  # another schedule: refused, not mixed
+    assert "belongs to a different probe: epochs 2 (now 3)" in capsys.readouterr().err
 
-    assert run_linear.main([*args, "--epochs", "3"]) == 0  # resumes at epoch 2, trains one more
-    assert "resumed from" in capsys.readouterr().out
-    log = read_log(out)
-    assert [line["epoch"] for line in log] == [0, 1, 2]
-    resumed = torch.load(out / "checkpoint.pth.tar", weights_only=True)
-    assert resumed["epoch"] == 3 and not torch.equal(resumed["heads"]["weight"], state["heads"]["weight"])
+    # Killed after its second epoch and rerun, a 3-epoch probe ends on the same bits as one run straight.
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torch.manual_seed(0)  # the augmentations draw from the global RNG
+    assert run_linear.main([*args, "--epochs", "3", "--output_dir", str(straight)]) == 0
+    epochs_done = []
 
-    assert run_linear.main([*knn_args(photos, checkpoint, "--output_dir", str(out)), "--evaluate"]) == 0
+    def killed_after_two_epochs():
+        epochs_done.append(1)
+        if len(epochs_done) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(linear_probe, "barrier", killed_after_two_epochs)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        run_linear.main([*args, "--epochs", "3", "--output_dir", str(resumed)])
+    monkeypatch.undo()
+    torch.manual_seed(1)  # the rerun starts elsewhere: the checkpoint restores the RNGs
+    assert run_linear.main([*args, "--epochs", "3", "--output_dir", str(resumed)]) == 0
+    assert f"resumed from {resumed / 'checkpoint.pth.tar'} at epoch 2" in capsys.readouterr().out
+    assert read_log(resumed) == read_log(straight) and len(read_log(straight)) == 3
+    expected, got = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (straight, resumed))
+    for key, value in expected["heads"].items():
+        assert torch.equal(got["heads"][key], value), key
+    for key, value in expected["optimizer"]["state"].items():
+        assert torch.equal(got["optimizer"]["state"][key]["momentum_buffer"], value["momentum_buffer"]), key
+
+    assert run_linear.main([*knn_args(photos, checkpoint, "--output_dir", str(straight)), "--evaluate"]) == 0
     printed = capsys.readouterr().out
-    for lr, scores in log[-1]["per_lr"].items():
+    for lr, scores in read_log(straight)[-1]["per_lr"].items():
         assert f"evaluate: lr {float(lr):g}: top-1 {scores['top1']:.2f}%" in printed
 
-    assert run_linear.main([*args, "--epochs", "3", "--lrs", "0.5"]) == 2  # a different probe: refused
-    assert "belongs to a different probe" in capsys.readouterr().err
+    assert run_linear.main([*args, "--epochs", "3", "--lrs", "0.5", "--output_dir", str(straight)]) == 2
+    assert "belongs to a different probe: lrs [0.01, 1.0] (now [0.5])" in capsys.readouterr().err
 
 
 def test_linear_cached_features_equals_library(trained, tmp_path):
@@ -199,8 +223,9 @@ def test_linear_cached_features_equals_library(trained, tmp_path):
     args = knn_args(photos, checkpoint, "--output_dir", str(out), "--epochs", "2", "--cached_features",
                     "True", "--lrs", "0.01", "0.1")
     assert run_linear.main(args) == 0
-    (line,) = read_log(out)
-    assert line["cached_features"] is True and set(line["per_lr"]) == {"0.01", "0.1"}
+    log = read_log(out)
+    assert [line["epoch"] for line in log] == [0, 1] and all(line["cached_features"] is True for line in log)
+    assert set(log[-1]["per_lr"]) == {"0.01", "0.1"}
 
     model, _ = build_from_checkpoint(checkpoint, "teacher")
     parsed = run_linear.get_args_parser().parse_args(["--data_path", str(photos)])
@@ -212,8 +237,11 @@ def test_linear_cached_features_equals_library(trained, tmp_path):
     expected = train_linear_on_features(train_x, train_y, val_x, val_y, scaled, epochs=2, batch_size=8,
                                         num_labels=4, seed=0)
     for lr, scaled_lr in zip(("0.01", "0.1"), scaled):
-        assert line["per_lr"][lr]["top1"] == expected["per_lr"][scaled_lr]["top1"]
-        assert line["per_lr"][lr]["loss"] == pytest.approx(expected["per_lr"][scaled_lr]["loss"], rel=1e-5)
+        assert log[-1]["per_lr"][lr]["top1"] == expected["per_lr"][scaled_lr]["top1"]
+        assert log[-1]["per_lr"][lr]["loss"] == pytest.approx(expected["per_lr"][scaled_lr]["loss"], rel=1e-5)
+    saved = torch.load(out / "checkpoint.pth.tar", weights_only=True)["heads"]
+    for key, value in expected["model"].state_dict().items():
+        torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,18 +274,21 @@ def tiny_model():
     return build_backbone("vit_tiny", mode="simpool", patch_size=4, depth=1, embed_dim=32, num_heads=2).eval()
 
 
-def linear_probe(photos, out, dist_info):
+def linear_probe(photos, out, rank):
     import simpool.evaluation.run_linear as run_linear
 
-    args = run_linear.get_args_parser().parse_args([
+    train_probe = run_linear.train_probe
+
+    def train_and_keep_the_heads(state, *args):
+        train_probe(state, *args)
+        torch.save(state.heads.state_dict(), Path(out) / f"heads_rank{rank}.pt")
+
+    run_linear.train_probe = train_and_keep_the_heads
+    torch.manual_seed(0)  # the same random backbone on both ranks
+    assert run_linear.main([
         "--random_init", "--arch", "vit_tiny", "--patch_size", "4", "--model_overrides", "depth=1",
         "embed_dim=32", "num_heads=2", "--data_path", photos, "--output_dir", out, "--epochs", "1",
-        "--image_size", "16", "--batch_size_per_gpu", "4", "--num_workers", "0", "--lrs", "0.1", "1.0"])
-    run_linear.check_linear_flags(args)
-    torch.manual_seed(0)  # the same random backbone on both ranks
-    probe, state = run_linear.setup(args, dist_info)
-    run_linear.train_on_images(args, probe, state, dist_info)
-    torch.save(state["heads"].state_dict(), Path(out) / f"heads_rank{dist_info.rank}.pt")
+        "--image_size", "16", "--batch_size_per_gpu", "4", "--num_workers", "0", "--lrs", "0.1", "1.0"]) == 0
 
 
 if __name__ == "__main__":
@@ -265,7 +296,7 @@ if __name__ == "__main__":
     features, labels = extract_features(tiny_model(), NoiseImages(), batch_size=2)
     if dist_info.rank == 0:
         torch.save({"features": features, "labels": labels}, sys.argv[1])
-    linear_probe(sys.argv[2], sys.argv[3], dist_info)
+    linear_probe(sys.argv[2], sys.argv[3], dist_info.rank)
     cleanup()
 '''
 
@@ -297,7 +328,7 @@ def test_two_gloo_processes_extract_like_one_and_keep_identical_linear_heads(tra
     torch.testing.assert_close(ddp["features"], single_x, rtol=1e-5, atol=1e-6)
 
     heads = [torch.load(out / f"heads_rank{r}.pt", weights_only=True) for r in (0, 1)]
-    for key in ("weight", "bias"):
+    for key in heads[0]:
         assert torch.equal(heads[0][key], heads[1][key]), key  # DDP kept the ranks in step
-    assert heads[0]["bias"].abs().sum() > 0  # and they did train (biases start at zero)
+    assert heads[0]["heads.1.bias"].abs().sum() > 0  # and they did train (biases start at zero)
     assert [line["epoch"] for line in read_log(out)] == [0]

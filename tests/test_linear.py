@@ -1,4 +1,4 @@
-"""Tests for simpool.evaluation.linear: the probe, the multi-lr trainer and the accuracy helper."""
+"""Tests for simpool.evaluation.linear: the multi-lr heads, their torch optimiser, the loop, resume, accuracy."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from simpool.evaluation.linear import (
-    LinearClassifier,
     MultiLRLinear,
     accuracy,
-    cosine_epoch_lr,
-    fit_multi_lr,
+    feature_batches,
+    fit,
+    probe_optimizer,
     train_linear_on_features,
 )
+from simpool.evaluation.linear_probe import ProbeState
 
 
 def blobs(n_per_class: int, dim: int = 32, classes: int = 4, spread: float = 0.5, seed: int = 0):
@@ -27,55 +28,106 @@ def blobs(n_per_class: int, dim: int = 32, classes: int = 4, spread: float = 0.5
     return features, labels
 
 
-def test_linear_classifier_matches_reference_init_and_flattens():
-    torch.manual_seed(0)
-    probe = LinearClassifier(2 * 192, num_labels=1000)
-    assert set(probe.state_dict()) == {"linear.weight", "linear.bias"}  # reference key names
-    assert probe.linear.weight.std().item() == pytest.approx(0.01, rel=0.02)
-    assert abs(probe.linear.weight.mean().item()) < 1e-4
-    assert torch.count_nonzero(probe.linear.bias) == 0
-    x = torch.randn(3, 2, 192)
-    torch.testing.assert_close(probe(x), x.reshape(3, -1) @ probe.linear.weight.T)
+def stacked(model: MultiLRLinear, name: str) -> torch.Tensor:
+    return torch.stack([getattr(head, name).detach() for head in model.heads])
 
 
-def test_multi_lr_heads_compute_independent_linear_maps():
-    model = MultiLRLinear(8, num_labels=5, num_heads=3, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(model.weight[0], model.weight[2])  # shared initial draw
+def test_multi_lr_heads_start_alike_from_the_reference_init_and_compute_independent_linear_maps():
+    rng = torch.get_rng_state()
+    model = MultiLRLinear(96, num_labels=200, num_heads=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG (image augmentations) is left alone
+    expected = torch.randn(200, 96, generator=torch.Generator().manual_seed(0)) * 0.01
+    for head in model.heads:
+        assert torch.equal(head.weight, expected) and torch.count_nonzero(head.bias) == 0
+    assert stacked(model, "weight").std().item() == pytest.approx(0.01, rel=0.05)
     with torch.no_grad():
-        model.weight.add_(torch.randn_like(model.weight))
-        model.bias.add_(torch.randn_like(model.bias))
-    x = torch.randn(6, 8)
+        for head in model.heads:
+            head.weight.add_(torch.randn_like(head.weight))
+            head.bias.add_(torch.randn_like(head.bias))
+    x = torch.randn(6, 2, 48)
     logits = model(x)
-    assert logits.shape == (3, 6, 5)
-    for h in range(3):
-        torch.testing.assert_close(logits[h], x @ model.weight[h].T + model.bias[h])
-        torch.testing.assert_close(model.head(h)(x), logits[h])
+    assert logits.shape == (3, 6, 200)
+    for h, head in enumerate(model.heads):
+        torch.testing.assert_close(logits[h], x.flatten(1) @ head.weight.T + head.bias)
 
 
-def test_multi_lr_training_equals_torch_sgd_with_cosine_per_head():
-    """Each head follows exactly torch.optim.SGD(momentum 0.9) + CosineAnnealingLR stepped per epoch."""
-    features, labels = blobs(20, dim=8, classes=3, spread=2.0)
-    lrs, epochs, batch_size = [0.02, 0.3], 3, 16  # 60 samples: batches of 16, 16, 16, 12
-    model = MultiLRLinear(8, num_labels=3, num_heads=2, generator=torch.Generator().manual_seed(5))
-    fit_multi_lr(model, features, labels, lrs, epochs, batch_size, torch.Generator().manual_seed(7))
-
-    init = MultiLRLinear(8, num_labels=3, num_heads=1, generator=torch.Generator().manual_seed(5)).head(0)
-    order_generator = torch.Generator().manual_seed(7)
-    orders = [torch.randperm(len(labels), generator=order_generator) for _ in range(epochs)]
-    for h, lr in enumerate(lrs):
-        probe = LinearClassifier(8, num_labels=3)
-        probe.load_state_dict(init.state_dict())
-        optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
-        for order in orders:
+def naive_probe(features, labels, lrs, epochs, batch_size, num_labels, seed):
+    """Ground truth: per head a plain nn.Linear and its own torch.optim.SGD, the lr set by the formula
+    ``lr (1 + cos(pi e / E)) / 2`` each epoch; init and sample orders drawn from one seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    init = torch.randn(num_labels, features.shape[1], generator=generator) * 0.01
+    orders = [torch.randperm(len(labels), generator=generator) for _ in range(epochs)]
+    heads = []
+    for lr in lrs:
+        head = torch.nn.Linear(features.shape[1], num_labels)
+        with torch.no_grad():
+            head.weight.copy_(init)
+            head.bias.zero_()
+        optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+        for epoch, order in enumerate(orders):
+            optimizer.param_groups[0]["lr"] = lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
             for batch in order.split(batch_size):
-                loss = F.cross_entropy(probe(features[batch]), labels[batch])
+                loss = F.cross_entropy(head(features[batch]), labels[batch])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            scheduler.step()
-        torch.testing.assert_close(model.weight[h], probe.linear.weight, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(model.bias[h], probe.linear.bias, rtol=1e-4, atol=1e-5)
+        heads.append(head)
+    return heads
+
+
+def test_multi_lr_training_equals_per_head_sgd_with_the_cosine_formula():
+    features, labels = blobs(20, dim=8, classes=3, spread=2.0)
+    lrs, epochs, batch_size = [0.02, 0.3, 1.5], 3, 16  # 60 samples: batches of 16, 16, 16, 12
+    out = train_linear_on_features(features, labels, features, labels, lrs, epochs, batch_size, num_labels=3,
+                                   seed=7)
+    expected = naive_probe(features, labels, lrs, epochs, batch_size, num_labels=3, seed=7)
+    for head, truth in zip(out["model"].heads, expected, strict=True):
+        torch.testing.assert_close(head.weight, truth.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(head.bias, truth.bias, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out["model"].heads[0].weight, out["model"].heads[2].weight)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no training here
+def test_per_epoch_lrs_follow_the_cosine_of_the_reference():
+    lrs, epochs = [0.001, 0.1], 7
+    optimizer, scheduler = probe_optimizer(MultiLRLinear(4, 2, num_heads=2), lrs, epochs)
+    seen = []
+    for _ in range(epochs):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        scheduler.step()
+    for epoch, epoch_lrs in enumerate(seen):
+        assert epoch_lrs == pytest.approx([lr * (1 + math.cos(math.pi * epoch / epochs)) / 2 for lr in lrs],
+                                          rel=1e-12)
+    assert seen[0] == lrs and all(group["momentum"] == 0.9 for group in optimizer.param_groups)
+    assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
+
+
+def test_resume_from_the_state_dict_is_bitwise(tmp_path):
+    """Train 2 epochs, save, restore into fresh objects, train the 3rd: the same bits as 3 epochs straight."""
+    features, labels = blobs(25, dim=12, spread=2.0)
+    lrs, epochs = [0.05, 0.5], 3
+
+    def run(state, stop):
+        train = feature_batches(features, labels, 16, state.generator)
+        for epoch, *_ in fit(state.heads, state.optimizer, state.scheduler, train, [], epochs, state.epoch):
+            state.epoch = epoch + 1
+            if state.epoch == stop:
+                break
+
+    straight = ProbeState.new(12, 4, lrs, epochs, seed=3, device=torch.device("cpu"))
+    run(straight, stop=epochs)
+    first = ProbeState.new(12, 4, lrs, epochs, seed=3, device=torch.device("cpu"))
+    run(first, stop=2)
+    torch.save(first.state_dict(), tmp_path / "probe.pth")
+    torch.manual_seed(99)  # the resumed process's RNG is elsewhere: the checkpoint puts it back
+    resumed = ProbeState.new(12, 4, lrs, epochs, seed=123, device=torch.device("cpu"))
+    resumed.load_state_dict(torch.load(tmp_path / "probe.pth", weights_only=True))
+    run(resumed, stop=epochs)
+    assert resumed.epoch == straight.epoch == 3
+    for name in ("weight", "bias"):
+        assert torch.equal(stacked(resumed.heads, name), stacked(straight.heads, name))
+        assert not torch.equal(stacked(first.heads, name), stacked(straight.heads, name))
+    assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
 
 
 def test_separable_blobs_reach_99_percent_and_best_lr_is_reported():
@@ -93,7 +145,7 @@ def test_separable_blobs_reach_99_percent_and_best_lr_is_reported():
     # the tiny lr barely leaves the initialisation: loss ~ log(4), and it cannot be the best head
     assert out["per_lr"][1e-5]["loss"] > 1.0 > 0.1 > out["per_lr"][best]["loss"]
     assert best != 1e-5
-    weights = out["model"].weight.detach()
+    weights = stacked(out["model"], "weight")
     assert not torch.allclose(weights[1], weights[2])  # heads really differ
     assert (weights[1] - weights[0]).norm() < (weights[2] - weights[0]).norm()  # larger lr moves further
 
@@ -105,13 +157,8 @@ def test_same_seed_reproduces_and_heads_do_not_interact():
     again = train_linear_on_features(feats, labels, feats, labels, [0.05, 0.5], **kwargs)
     alone = train_linear_on_features(feats, labels, feats, labels, [0.5], **kwargs)
     assert both["per_lr"] == again["per_lr"]
-    torch.testing.assert_close(both["model"].weight[1], alone["model"].weight[0], rtol=1e-4, atol=1e-6)
-
-
-def test_cosine_epoch_lr():
-    assert cosine_epoch_lr(0.4, 0, 10) == 0.4
-    assert cosine_epoch_lr(0.4, 5, 10) == pytest.approx(0.2)
-    assert cosine_epoch_lr(0.4, 9, 10) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    torch.testing.assert_close(both["model"].heads[1].weight, alone["model"].heads[0].weight, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_accuracy_by_hand():
@@ -156,6 +203,7 @@ def test_cuda_matches_cpu():
     kwargs = dict(lrs=[0.05, 0.5], epochs=3, batch_size=16, num_labels=4, seed=3)
     cpu = train_linear_on_features(feats, labels, feats, labels, **kwargs)
     cuda = train_linear_on_features(feats.cuda(), labels.cuda(), feats.cuda(), labels.cuda(), **kwargs)
-    assert cuda["model"].weight.is_cuda
-    torch.testing.assert_close(cuda["model"].weight.cpu(), cpu["model"].weight, rtol=1e-3, atol=1e-4)
+    assert cuda["model"].heads[0].weight.is_cuda
+    torch.testing.assert_close(stacked(cuda["model"], "weight").cpu(), stacked(cpu["model"], "weight"),
+                               rtol=1e-3, atol=1e-4)
     assert cuda["best_lr"] == cpu["best_lr"]
