@@ -11,9 +11,10 @@
   :mod:`~simpool.evaluation.run_linear` (``eval_linear.py``), :mod:`~simpool.evaluation.attention`
 
 Example:
+    >>> from simpool.data import build_labelled_splits
     >>> from simpool.evaluation import eval_transform, extract_features, knn_on_features
-    >>> train = extract_features(backbone, ImageFolder("data/train", eval_transform(224)))
-    >>> knn_on_features(train, extract_features(backbone, ImageFolder("data/val", eval_transform(224))), [20], 0.07)
+    >>> train_set, val_set = build_labelled_splits("/data/imagenet", transform=eval_transform(224))
+    >>> knn_on_features(extract_features(backbone, train_set), extract_features(backbone, val_set), [20], 0.07)
     {20: (71.9, 90.3)}
 """
 
