@@ -10,12 +10,12 @@ dependencies = ["torch", "timm"]
 
 
 def backbone(path, **kwargs):
-    """An exported simpool backbone (``simpool.export.load_backbone``); ``device=`` moves it there.
+    """An exported simpool backbone (``simpool.loading.load_backbone``); ``device=`` moves it there.
 
     Args:
         path: the export folder.
         **kwargs: passed to ``load_backbone`` (``device``).
     """
-    from simpool.export import load_backbone  # imported here so that listing the hub entries stays cheap
+    from simpool.loading import load_backbone  # imported here so that listing the hub entries stays cheap
 
     return load_backbone(path, **kwargs)

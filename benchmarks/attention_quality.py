@@ -59,8 +59,8 @@ from simpool.dino.train import main as train_dino  # noqa: E402
 from simpool.evaluation.attention import evaluate_attention, fashion_samples, format_table  # noqa: E402
 from simpool.evaluation.attention_metrics import evaluate_maps, mask_to_box  # noqa: E402
 from simpool.evaluation.knn import knn_classifier  # noqa: E402
-from simpool.export import load_any_backbone  # noqa: E402
 from simpool.fashion_on_photos import load_background_photos, render_fashion_on_photo  # noqa: E402
+from simpool.loading import load_model  # noqa: E402
 from simpool.models import build_backbone  # noqa: E402
 from simpool.visualize import attention_maps, compare_figure, model_stride, prepare_image  # noqa: E402
 
@@ -391,7 +391,7 @@ def train_and_score(args: argparse.Namespace, work: Path, regime: str, mode: str
     if regime == "dino":
         run_dir = work / f"{mode}_seed{seed}"
         trained = train(args, work / "data", run_dir, mode, seed)
-        model = load_any_backbone(run_dir / "checkpoint.pth", "teacher")
+        model, _ = load_model(run_dir / "checkpoint.pth", "teacher")
         learned = (f"{KNN_K}-NN {trained['knn_top1']:.1f} (random init {trained['knn_top1_random_init']:.1f}, "
                    f"raw pixels {trained['knn_top1_raw_pixels']:.1f})")
     else:

@@ -6,7 +6,8 @@
 """
 
 from simpool.checkpoint import CheckpointError, load_pretrained
-from simpool.export import export_backbone, load_backbone
+from simpool.export import export_backbone
+from simpool.loading import load_backbone
 from simpool.models import ARCHS, build_backbone
 from simpool.pooling import SimPool
 

@@ -1,4 +1,4 @@
-"""Export a trained backbone to a self-describing folder, and load it back.
+"""Export a trained backbone to a self-describing folder (read back by ``simpool.loading.load_backbone``).
 
 A DINO checkpoint holds much more than the backbone (head, optimizer, loss centre, RNG...) and needs the
 training flags to be rebuilt. ``export_backbone`` writes a folder that needs nothing else::
@@ -34,39 +34,24 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from simpool.checkpoint import (
-    FORMAT_KEY,
-    LoadedCheckpoint,
-    args_as_dict,
-    load_backbone_weights,
-    load_pretrained,
-    safe_load,
-)
-from simpool.flags import float_or_none, key_value
-from simpool.models import AUTO_GAMMA, MODES, build_backbone
+from simpool.loading import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE, is_export_dir, load_model
+
+__all__ = ["TIMM_WEIGHTS_FILE", "export_backbone", "timm_equivalent", "training_summary"]
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "simpool-backbone"
-EXPORT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 TIMM_WEIGHTS_FILE = "timm_model.safetensors"
-
-NOT_GIVEN: Any = object()  # "take it from the checkpoint's args"; distinct from gamma=None ("no gamma")
 
 # Training flags worth keeping next to the weights: enough to tell runs apart and to cite the recipe.
 TRAINING_SUMMARY_KEYS = (
@@ -78,92 +63,6 @@ TRAINING_SUMMARY_KEYS = (
 )
 # build_backbone keywords that are not part of the timm model's own architecture.
 _NOT_TIMM_KWARGS = ("drop_path_rate", "block")
-
-
-@dataclass
-class BackboneSpec:
-    """What ``build_backbone`` needs: from the flags, else the checkpoint's recorded args."""
-
-    arch: str
-    mode: str
-    gamma: Any  # a float, None (no gamma) or simpool.models.AUTO_GAMMA (the arch's default)
-    patch_size: int
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# reading a checkpoint
-# ----------------------------------------------------------------------------------------------------------
-def read_checkpoint_args(path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
-    """The checkpoint's recorded training args (``{}`` if none) and whether it is in our own format.
-
-    The file is memory-mapped, so only the small ``args`` entry is actually read even when the checkpoint
-    also holds gigabytes of optimizer state (``load_pretrained`` reads the weights afterwards).
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # legacy (non-zip) files cannot be mapped; safe_load also explains unreadable files
-        checkpoint = safe_load(path)
-    if not isinstance(checkpoint, dict):
-        return {}, False
-    return args_as_dict(checkpoint.get("args")), FORMAT_KEY in checkpoint
-
-
-def resolve_spec(
-    args: dict[str, Any],
-    arch: str | None = None,
-    mode: str | None = None,
-    gamma: Any = NOT_GIVEN,
-    patch_size: int | None = None,
-    overrides: dict[str, Any] | None = None,
-    source: str = "the checkpoint",
-) -> BackboneSpec:
-    """Combine explicit flags (which win) with recorded training args.
-
-    ``gamma``: ``NOT_GIVEN`` -> the recorded one; ``AUTO_GAMMA`` (``"auto"``) -> the arch's default; ``None`` -> no
-    gamma. facebookresearch/dino's args have no ``mode``: such a run is DINO's own, i.e. ``"official"``.
-    """
-    arch = arch or args.get("arch")
-    if not arch:
-        raise ValueError(
-            f"{source} records no training args (a backbone-only file?): pass --arch and --mode "
-            "(and --gamma / --patch_size / --model_overrides if the run changed them)"
-        )
-    if mode is None:
-        if not args:
-            raise ValueError(f"{source} records no training args: pass --mode simpool or --mode official")
-        mode = args.get("mode", "official")
-    if gamma is NOT_GIVEN:
-        gamma = args.get("gamma", AUTO_GAMMA)
-    patch_size = int(patch_size or args.get("patch_size") or 16)
-    merged = {**dict(args.get("model_overrides") or {}), **dict(overrides or {})}
-    return BackboneSpec(arch, mode, gamma, patch_size, merged)
-
-
-def build_from_checkpoint(
-    checkpoint: str | os.PathLike,
-    which: str = "teacher",
-    arch: str | None = None,
-    mode: str | None = None,
-    gamma: Any = NOT_GIVEN,
-    patch_size: int | None = None,
-    **overrides: Any,
-) -> tuple[nn.Module, LoadedCheckpoint]:
-    """Build the backbone a checkpoint was trained with and load its ``which`` weights; eval mode, CPU.
-
-    Works for our checkpoints, reference (DINO / SimPool fork) checkpoints and backbone-only files; the latter
-    record no args, so ``arch`` and ``mode`` must be given. Reference weights get the reference's position
-    embedding rule (see ``simpool.load_pretrained``).
-    """
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    args, _ = read_checkpoint_args(checkpoint)
-    spec = resolve_spec(args, arch, mode, gamma, patch_size, overrides, source=str(checkpoint))
-    # An inference copy: no stochastic depth (a no-op in eval mode, but config.json would record it).
-    model = build_backbone(spec.arch, mode=spec.mode, gamma=spec.gamma, patch_size=spec.patch_size,
-                           drop_path_rate=0.0, **spec.overrides)
-    loaded = load_pretrained(model, checkpoint, checkpoint_key=which)
-    return model.eval(), loaded
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,14 +118,7 @@ def _check_timm_accepts(name: str, kwargs: dict[str, Any], state_dict: dict[str,
 
 
 def export_backbone(
-    checkpoint: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    which: str = "teacher",
-    arch: str | None = None,
-    mode: str | None = None,
-    gamma: Any = NOT_GIVEN,
-    patch_size: int | None = None,
-    **overrides: Any,
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, which: str = "teacher", **model_args: Any
 ) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (+ ``timm_model.safetensors`` in official mode).
 
@@ -234,12 +126,16 @@ def export_backbone(
         checkpoint: a training checkpoint (ours or the reference's) or a backbone-only state dict.
         out_dir: created if missing; existing export files are overwritten.
         which: ``"teacher"`` (DINO's evaluated network) or ``"student"``.
-        arch, mode, gamma, patch_size, **overrides: override what the checkpoint's args say (``overrides`` are
-            timm keywords such as ``depth=2``). Required for backbone-only files, which record no args.
+        **model_args: ``arch``, ``mode``, ``gamma``, ``patch_size`` and timm keywords such as ``depth=2``, as
+            :func:`simpool.loading.load_model` takes them: they override what the checkpoint's args say, and
+            backbone-only files, which record no args, need ``arch`` and ``mode``.
 
     Returns the output folder.
     """
-    model, loaded = build_from_checkpoint(checkpoint, which, arch, mode, gamma, patch_size, **overrides)
+    if is_export_dir(checkpoint):
+        raise ValueError(f"{str(checkpoint)!r} is an export folder already: pass the training checkpoint")
+    model, source = load_model(checkpoint, which, **model_args)
+    loaded = source.checkpoint
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(plain_state_dict(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -276,120 +172,3 @@ def export_backbone(
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     log.info("exported %s %s (%s mode) to %s", which, model.arch, model.mode, out)
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# loading it back
-# ----------------------------------------------------------------------------------------------------------
-def is_export_dir(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG_FILE).is_file()
-
-
-def read_export_config(out_dir: str | os.PathLike) -> dict[str, Any]:
-    folder = Path(out_dir)
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise ValueError(
-            f"{str(folder)!r} holds no {CONFIG_FILE}: pass a folder written by utils/export_backbone.py"
-        )
-    config = json.loads(config_path.read_text())
-    if config.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{config_path} is not a simpool export (format {config.get('format')!r})")
-    if config.get("format_version", 0) > EXPORT_VERSION:
-        raise ValueError(
-            f"{config_path} has format_version {config['format_version']}, newer than this simpool "
-            f"({EXPORT_VERSION}): upgrade simpool"
-        )
-    return config
-
-
-def load_backbone(out_dir: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
-    """Rebuild an exported backbone from its ``config.json`` and ``model.safetensors``; eval mode.
-
-    Example:
-        >>> model = load_backbone("exports/vits", device=torch.device("cpu"))
-        >>> features = model(images)                     # (B, embed_dim)
-    """
-    folder = Path(out_dir)
-    config = read_export_config(folder)
-    weights = folder / config.get("weights", WEIGHTS_FILE)
-    if not weights.is_file():
-        raise ValueError(f"{str(weights)!r} is missing: re-run utils/export_backbone.py into {str(folder)!r}")
-    model = build_backbone(
-        config["arch"], mode=config["mode"], gamma=config["gamma"], **config["build_kwargs"]
-    )
-    if config.get("pos_embed_resampling") is not None:
-        model.pos_embed_resampling = config["pos_embed_resampling"]
-    load_backbone_weights(model, load_file(str(weights), device="cpu"))
-    model.eval()
-    return model.to(device) if device is not None else model
-
-
-def load_any_backbone(
-    weights: str | os.PathLike,
-    which: str = "teacher",
-    arch: str | None = None,
-    mode: str | None = None,
-    gamma: Any = NOT_GIVEN,
-    patch_size: int | None = None,
-    **overrides: Any,
-) -> nn.Module:
-    """An export folder (``load_backbone``; the other arguments must be left unset) or a checkpoint file."""
-    if is_export_dir(weights):
-        flags = (("arch", arch), ("mode", mode), ("patch_size", patch_size))
-        given = [name for name, value in flags if value]
-        if given or gamma is not NOT_GIVEN or overrides:
-            raise ValueError(
-                f"{str(weights)!r} is an export folder whose config.json fixes the model: drop "
-                f"{', '.join(given + (['gamma'] if gamma is not NOT_GIVEN else []) + sorted(overrides))}"
-            )
-        return load_backbone(weights)
-    model, _ = build_from_checkpoint(weights, which, arch, mode, gamma, patch_size, **overrides)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------------------
-# command-line flags shared by utils/export_backbone.py and utils/visualize_attention.py
-# ----------------------------------------------------------------------------------------------------------
-def add_backbone_flags(
-    parser: argparse.ArgumentParser, prefix: str = "", what: str = "the checkpoint"
-) -> None:
-    """--{prefix}arch/mode/gamma/patch_size/model_overrides; unset flags come from the checkpoint's args."""
-    group = parser.add_argument_group(f"model of {what} (default: as recorded in its training args)")
-    group.add_argument(f"--{prefix}arch", default=None, help="e.g. vit_small, resnet50, convnext_small")
-    group.add_argument(f"--{prefix}mode", default=None, choices=MODES, help="simpool or official")
-    group.add_argument(f"--{prefix}gamma", default=NOT_GIVEN, type=float_or_none,
-                       help="SimPool exponent: a number, 'None' (no gamma) or 'auto' (the arch's default)")
-    group.add_argument(f"--{prefix}patch_size", default=None, type=int, help="ViT patch size")
-    group.add_argument(f"--{prefix}model_overrides", default=[], type=key_value, nargs="*",
-                       help="timm keywords, e.g. depth=2 embed_dim=192 num_heads=3")
-
-
-def backbone_flags(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
-    """The keyword arguments of ``build_from_checkpoint`` / ``export_backbone`` from parsed flags."""
-    overrides = {k: v for item in getattr(args, f"{prefix}model_overrides") for k, v in item.items()}
-    return {
-        "arch": getattr(args, f"{prefix}arch"),
-        "mode": getattr(args, f"{prefix}mode"),
-        "gamma": getattr(args, f"{prefix}gamma"),
-        "patch_size": getattr(args, f"{prefix}patch_size"),
-        **overrides,
-    }
-
-
-__all__ = [
-    "NOT_GIVEN",
-    "add_backbone_flags",
-    "backbone_flags",
-    "load_any_backbone",
-    "BackboneSpec",
-    "build_from_checkpoint",
-    "export_backbone",
-    "is_export_dir",
-    "load_backbone",
-    "read_checkpoint_args",
-    "read_export_config",
-    "resolve_spec",
-    "timm_equivalent",
-]

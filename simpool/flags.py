@@ -1,11 +1,15 @@
-"""Argument types shared by every command-line tool (train_dino.py, the evaluators, utils/).
+"""Argument types and flag groups shared by every command-line tool (train_dino.py, the evaluators, utils/).
 
-They accept the reference's spellings, so its commands and its ``args.yaml`` files parse as they are.
+The types accept the reference's spellings, so its commands and its ``args.yaml`` files parse as they are.
+``add_backbone_flags`` / ``backbone_flags`` are the model flags of every tool that loads weights: they turn
+into the keywords of :func:`simpool.loading.load_model`.
 
 Example:
     >>> parser.add_argument("--use_bn_in_head", type=bool_flag, default=True)      # True/False, 1/0, yes/no
     >>> parser.add_argument("--gamma", type=float_or_none, default=AUTO_GAMMA)     # 1.25, None or auto
     >>> parser.add_argument("--model_overrides", type=key_value, nargs="*")        # depth=4 embed_dim=96
+    >>> add_backbone_flags(parser)                  # --arch --mode --gamma --patch_size --model_overrides
+    >>> model, source = load_model(args.pretrained_weights, **backbone_flags(parser.parse_args()))
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from typing import Any
 
 import yaml
 
-from simpool.models.base import AUTO_GAMMA
+from simpool.loading import FROM_CHECKPOINT
+from simpool.models.base import AUTO_GAMMA, MODES
 
-__all__ = ["AUTO_GAMMA", "bool_flag", "float_or_none", "key_value"]
+__all__ = ["AUTO_GAMMA", "add_backbone_flags", "backbone_flags", "bool_flag", "float_or_none", "key_value"]
 
 
 def bool_flag(value: str | bool) -> bool:
@@ -53,3 +58,27 @@ def key_value(value: str | dict) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"expected key=value, got {value!r}")
     key, raw = value.split("=", 1)
     return {key: yaml.safe_load(raw)}
+
+
+def add_backbone_flags(parser: argparse.ArgumentParser, prefix: str = "", what: str = "the checkpoint") -> None:
+    """--{prefix}arch/mode/gamma/patch_size/model_overrides; unset flags come from the checkpoint's args."""
+    group = parser.add_argument_group(f"model of {what} (default: as recorded in its training args)")
+    group.add_argument(f"--{prefix}arch", default=None, help="e.g. vit_small, resnet50, convnext_small")
+    group.add_argument(f"--{prefix}mode", default=None, choices=MODES, help="simpool or official")
+    group.add_argument(f"--{prefix}gamma", default=FROM_CHECKPOINT, type=float_or_none,
+                       help="SimPool exponent: a number, 'None' (no gamma) or 'auto' (the arch's default)")
+    group.add_argument(f"--{prefix}patch_size", default=None, type=int, help="ViT patch size")
+    group.add_argument(f"--{prefix}model_overrides", default=[], type=key_value, nargs="*",
+                       help="timm keywords, e.g. depth=2 embed_dim=192 num_heads=3")
+
+
+def backbone_flags(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The model keywords of ``load_model`` / ``export_backbone`` from flags parsed by ``add_backbone_flags``."""
+    overrides = {k: v for item in getattr(args, f"{prefix}model_overrides") for k, v in item.items()}
+    return {
+        "arch": getattr(args, f"{prefix}arch"),
+        "mode": getattr(args, f"{prefix}mode"),
+        "gamma": getattr(args, f"{prefix}gamma"),
+        "patch_size": getattr(args, f"{prefix}patch_size"),
+        **overrides,
+    }

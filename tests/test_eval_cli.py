@@ -25,7 +25,8 @@ from simpool.dino.train import main as train_main
 from simpool.evaluation.features import eval_transform, extract_features, feature_fn
 from simpool.evaluation.knn import knn_classifier
 from simpool.evaluation.linear import train_linear_on_features
-from simpool.export import build_from_checkpoint, export_backbone
+from simpool.export import export_backbone
+from simpool.loading import load_model
 from tests.conftest import REPO
 from tests.test_train import TINY
 
@@ -90,7 +91,7 @@ def test_knn_prints_table_writes_json_equal_to_the_library(trained, tmp_path, ca
         assert f"{int(k):>6} {scores['top1']:>8.2f} {scores['top5']:>8.2f}" in out
 
     # The same numbers from the library, by hand: the checkpoint's teacher, eval transform, k-NN.
-    model, _ = build_from_checkpoint(checkpoint, "teacher")
+    model, _ = load_model(checkpoint, "teacher")
     splits = run_knn.labelled_splits(run_knn.get_args_parser().parse_args(["--data_path", str(photos)]),
                                      eval_transform(int(IMAGE_SIZE)))
     train_x, train_y = extract_features(model, splits[0], batch_size=5)
@@ -227,7 +228,7 @@ def test_linear_cached_features_equals_library(trained, tmp_path):
     assert [line["epoch"] for line in log] == [0, 1] and all(line["cached_features"] is True for line in log)
     assert set(log[-1]["per_lr"]) == {"0.01", "0.1"}
 
-    model, _ = build_from_checkpoint(checkpoint, "teacher")
+    model, _ = load_model(checkpoint, "teacher")
     parsed = run_linear.get_args_parser().parse_args(["--data_path", str(photos)])
     train, val, _ = run_linear.labelled_splits(parsed, eval_transform(int(IMAGE_SIZE)))
     features = feature_fn(model)

@@ -14,13 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from simpool.checkpoint import CheckpointError, safe_load
-from simpool.export import (
-    TIMM_WEIGHTS_FILE,
-    WEIGHTS_FILE,
-    export_backbone,
-    load_any_backbone,
-    load_backbone,
-)
+from simpool.export import TIMM_WEIGHTS_FILE, export_backbone
+from simpool.loading import WEIGHTS_FILE, load_backbone, load_model
 from simpool.models import build_backbone
 from tests.conftest import REPO, TINY_RESNET, TINY_VIT
 
@@ -220,7 +215,9 @@ def test_load_backbone_errors(tmp_path):
     with pytest.raises(CheckpointError, match="missing keys: simpool.wq.weight"):
         load_backbone(out)
     with pytest.raises(ValueError, match="drop arch"):
-        load_any_backbone(out, arch="resnet50")
+        load_model(out, arch="resnet50")
+    with pytest.raises(ValueError, match="export folder already"):
+        export_backbone(out, tmp_path / "again")
 
 
 def test_cli_errors_exit_2_with_the_fix(reference_dir, tmp_path, capsys):

@@ -9,6 +9,7 @@ import torch
 from torch.nn.functional import normalize
 
 from benchmarks.reference_knn import reference_knn
+from simpool.evaluation.features import check_labels, num_classes_of
 from simpool.evaluation.knn import knn_classifier, knn_predict, knn_search, weighted_vote
 
 T = 0.07
@@ -177,3 +178,17 @@ def test_invalid_inputs_raise_value_error():
         knn_classifier(train, train_labels.float(), test, test_labels, 5, T, 10)
     with pytest.raises(ValueError, match="backend"):
         knn_classifier(train, train_labels, test, test_labels, 5, T, 10, backend="annoy")
+
+
+def test_class_count_and_label_check_shared_with_the_probes():
+    class Folder:  # an ImageFolder-like data set whose last class folder is empty
+        classes, targets = ["a", "b", "c"], [0, 1, 1]
+
+    assert num_classes_of(Folder()) == 3
+    assert num_classes_of(torch.tensor([0, 2]), torch.tensor([4, 1])) == 5
+    check_labels("val", torch.tensor([0, 2]), 2, 3)
+    with pytest.raises(ValueError, match=r"val labels must lie in \[0, 2\), found \[0, 2\]; pass the right num_labels"):
+        check_labels("val", torch.tensor([0, 2]), 2, 2, count_flag="num_labels")
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        check_labels("train", torch.tensor([0, 2]), 3, 3)
+    check_labels("train", torch.zeros(0, dtype=torch.long), 0, 3)  # no rows, no range to check

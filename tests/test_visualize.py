@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from simpool.evaluation.attention_metrics import mass_threshold_mask
-from simpool.export import export_backbone, load_backbone
+from simpool.export import export_backbone
+from simpool.loading import load_backbone
 from simpool.models import build_backbone
 from simpool.visualize import attention_maps, fit_to_stride, map_names, model_stride, prepare_image
 from tests.conftest import REPO, TINY_RESNET, TINY_VIT

@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing simpool
 
 from simpool.checkpoint import CheckpointError  # noqa: E402
-from simpool.export import add_backbone_flags, backbone_flags, load_any_backbone  # noqa: E402
+from simpool.flags import add_backbone_flags, backbone_flags  # noqa: E402
+from simpool.loading import load_model  # noqa: E402
 from simpool.visualize import list_images, visualize_image  # noqa: E402
 
 
@@ -51,11 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load_models(args: argparse.Namespace) -> list[tuple[str, torch.nn.Module]]:
-    model = load_any_backbone(args.pretrained_weights, args.checkpoint_key, **backbone_flags(args))
+    model, _ = load_model(args.pretrained_weights, args.checkpoint_key, **backbone_flags(args))
     models = [(args.label or Path(args.pretrained_weights).name, model)]
     if args.compare:
         key = args.compare_checkpoint_key or args.checkpoint_key
-        other = load_any_backbone(args.compare, key, **backbone_flags(args, prefix="compare_"))
+        other, _ = load_model(args.compare, key, **backbone_flags(args, prefix="compare_"))
         models.append((args.compare_label or Path(args.compare).name, other))
     return [(label, model.to(args.device).eval()) for label, model in models]
 

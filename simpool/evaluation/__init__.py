@@ -1,0 +1,37 @@
+"""Evaluation of frozen backbones: features, weighted k-NN, linear probe, attention-map scores.
+
+* :mod:`simpool.evaluation.features`: the evaluation transform, ``extract_features`` (every rank's shard,
+  gathered in dataset order), feature dumps, ``num_classes_of`` / ``check_labels`` for (features, labels) pairs
+* :mod:`simpool.evaluation.knn`: the weighted k-NN vote (DINO protocol); ``knn_on_features`` is the one entry
+  point of ``eval_knn.py`` and of the trainer's online k-NN
+* :mod:`simpool.evaluation.linear`: linear classifiers on frozen features
+* :mod:`simpool.evaluation.attention_metrics`: Jaccard / CorLoc of attention maps against object masks
+* :mod:`simpool.evaluation.common`: the flags and set-up the command-line drivers share
+* drivers (``main(argv) -> exit code``, not imported here): :mod:`~simpool.evaluation.run_knn` (``eval_knn.py``),
+  :mod:`~simpool.evaluation.run_linear` (``eval_linear.py``), :mod:`~simpool.evaluation.attention`
+
+Example:
+    >>> from simpool.data import build_labelled_splits
+    >>> from simpool.evaluation import eval_transform, extract_features, knn_on_features
+    >>> train_set, val_set = build_labelled_splits("/data/imagenet", transform=eval_transform(224))
+    >>> knn_on_features(extract_features(backbone, train_set), extract_features(backbone, val_set), [20], 0.07)
+    {20: (71.9, 90.3)}
+"""
+
+from simpool.evaluation.features import (
+    check_labels,
+    eval_transform,
+    extract_features,
+    feature_fn,
+    load_features,
+    num_classes_of,
+    save_features,
+)
+from simpool.evaluation.knn import knn_classifier, knn_on_features, knn_predict, knn_search, usable_ks, weighted_vote
+from simpool.evaluation.linear import LinearClassifier
+
+__all__ = [
+    "LinearClassifier", "check_labels", "eval_transform", "extract_features", "feature_fn", "knn_classifier",
+    "knn_on_features", "knn_predict", "knn_search", "load_features", "num_classes_of", "save_features", "usable_ks",
+    "weighted_vote",
+]

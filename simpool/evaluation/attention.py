@@ -59,7 +59,6 @@ from simpool.evaluation.common import (
     build_model,
     require_weights,
     results_folder,
-    run_guarded,
     write_json,
 )
 from simpool.fashion_on_photos import render_fashion_on_photo
@@ -284,16 +283,18 @@ def _setup(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2: bad flags, data or weights, reported before any forward pass)."""
-    prepared, error = run_guarded(lambda: _setup(argv))
-    if error is not None:
-        return error
-    args, samples, model, source = prepared
+    try:
+        args, samples, model, source = _setup(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"scoring the attention maps of {source.arch} ({source.mode} mode) from "
           f"{source.weights or 'random initialisation'} on {len(samples)} images of {args.data_path}")
-    result, error = run_guarded(lambda: evaluate_attention(model, samples, args.image_size, args.keep,
-                                                           args.batch_size))
-    if error is not None:
-        return error
+    try:
+        result = evaluate_attention(model, samples, args.image_size, args.keep, args.batch_size)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(format_table(result["rows"], args.keep))
     path = output_path(args)
     if path is not None:

@@ -1,20 +1,21 @@
-"""Command-line plumbing shared by ``eval_knn.py`` and ``eval_linear.py``.
+"""Command-line plumbing shared by the evaluators (``eval_knn.py``, ``eval_linear.py``, the attention scores).
 
-One place for what both evaluators do before the first image is embedded:
+One place for what they do before the first image is embedded:
 
 * flags: the model (``--pretrained_weights``, ``--checkpoint_key``, ``--random_init`` and the backbone
-  flags of :func:`simpool.export.add_backbone_flags`), the data (``--data_path``, ``--image_size``, batch
+  flags of :func:`simpool.flags.add_backbone_flags`), the data (``--data_path``, ``--image_size``, batch
   size, workers) and the launcher (``--dist_url``, ``--local_rank``);
 * :func:`setup_distributed`: join the process group torchrun/SLURM describes and pick the device;
 * :func:`labelled_splits`: ``train/`` and ``val/`` with the same label space, checked before any model exists;
-* :func:`build_model`: a frozen backbone from a training checkpoint (flags win over its recorded args), an
-  export folder, or -- only on request -- random weights;
-* :func:`run_guarded`: bad input (``ValueError`` and its ``DataError`` / ``CheckpointError`` subclasses) found
-  while setting up becomes ``error: ...`` on stderr and exit code 2, as ``train_dino.py`` does.
+* :func:`build_model`: :func:`simpool.loading.load_model` on the flags, frozen on the device.
 
-Example (the skeleton of both evaluators)::
+Bad input found while setting up is a ``ValueError`` (``EvalSetupError``, ``DataError``, ``CheckpointError``):
+each driver's ``main`` prints it as ``error: ...`` on stderr and returns exit code 2, as ``train_dino.py`` does.
 
-    >>> args = parser.parse_args(argv)
+Example (the skeleton of every evaluator)::
+
+    >>> args = parse_flags(parser, argv)
+    >>> require_weights(args)
     >>> dist_info = setup_distributed(args)
     >>> train, val, num_classes = labelled_splits(args, eval_transform(args.image_size))
     >>> model, source = build_model(args, dist_info.device)
@@ -27,49 +28,23 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
 from simpool.data import build_labelled_splits
 from simpool.distributed import DistInfo, init_distributed, is_main_process
-from simpool.export import (
-    NOT_GIVEN,
-    add_backbone_flags,
-    backbone_flags,
-    build_from_checkpoint,
-    is_export_dir,
-    load_any_backbone,
-    resolve_spec,
-)
+from simpool.evaluation.features import num_classes_of
+from simpool.flags import add_backbone_flags, backbone_flags
+from simpool.loading import ModelSource, load_model
 from simpool.logs import setup_logging
-from simpool.models import build_backbone
-
-# What --random_init builds when --arch / --mode are not given (DINO's default arch, this project's mode).
-RANDOM_INIT_DEFAULTS = {"arch": "vit_small", "mode": "simpool"}
+from simpool.models import PooledBackbone
 
 
 class EvalSetupError(ValueError):
     """A flag combination the evaluators cannot run; the message says which flag to change."""
-
-
-@dataclass
-class ModelSource:
-    """Where the evaluated weights came from: printed, and written into the result files."""
-
-    weights: str | None  # the checkpoint file / export folder, None for --random_init
-    checkpoint_key: str | None
-    arch: str
-    mode: str
-    gamma: float | None
-    epoch: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,14 +147,6 @@ def setup_distributed(args: argparse.Namespace) -> DistInfo:
     return dist_info
 
 
-def num_classes_of(dataset: Dataset) -> int:
-    """Number of classes: the folder count of an ImageFolder (empty classes included), else max label + 1."""
-    classes = getattr(dataset, "classes", None)
-    if classes:
-        return len(classes)
-    return int(max(dataset.targets)) + 1
-
-
 def labelled_splits(
     args: argparse.Namespace,
     transform: Callable,
@@ -194,44 +161,19 @@ def labelled_splits(
     return train, val, num_classes_of(train)
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, ModelSource]:
+def build_model(args: argparse.Namespace, device: torch.device) -> tuple[PooledBackbone, ModelSource]:
     """The frozen backbone to evaluate, in eval mode on ``device``, and where its weights came from.
 
-    * a training checkpoint or backbone-only file: ``--arch``/``--mode``/``--gamma``/``--patch_size``/
-      ``--model_overrides`` given on the command line win over the run's recorded args; keys that do not fit
-      raise :class:`simpool.checkpoint.CheckpointError` listing missing/unexpected keys and a hint;
-    * an export folder: its ``config.json`` fixes the model (model flags must be left out);
-    * ``--random_init``: built from the flags, defaulting to ``vit_small`` in ``simpool`` mode.
+    ``load_model`` on ``--pretrained_weights`` / ``--checkpoint_key`` / ``--random_init`` and the backbone flags:
+    flags given win over a checkpoint's recorded args, an export folder refuses them, ``--random_init`` builds
+    ``vit_small`` in ``simpool`` mode unless they say otherwise.
     """
-    flags = backbone_flags(args)
-    weights = args.pretrained_weights or None
-    epoch = None
-    if args.random_init:
-        spec = resolve_spec(RANDOM_INIT_DEFAULTS, source="--random_init", **_spec_kwargs(flags))
-        model = build_backbone(
-            spec.arch, mode=spec.mode, gamma=spec.gamma, patch_size=spec.patch_size, **spec.overrides
-        )
-        key = None
-    elif is_export_dir(weights):
-        model, key = load_any_backbone(weights, **flags), None
-    else:
-        model, loaded = build_from_checkpoint(weights, args.checkpoint_key, **flags)
-        key, epoch = loaded.key, loaded.epoch
+    model, source = load_model(args.pretrained_weights or None, args.checkpoint_key, random_init=args.random_init,
+                               **backbone_flags(args))
     model = model.to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    source = ModelSource(weights, key, model.arch, model.mode, model.gamma, epoch)
     return model, source
-
-
-def _spec_kwargs(flags: dict[str, Any]) -> dict[str, Any]:
-    """backbone_flags() output -> resolve_spec() keywords (timm overrides gathered under ``overrides``)."""
-    named = ("arch", "mode", "gamma", "patch_size")
-    spec = {name: flags[name] for name in named}
-    spec["overrides"] = {k: v for k, v in flags.items() if k not in named}
-    if spec["gamma"] is NOT_GIVEN:
-        spec["gamma"] = "auto"
-    return spec
 
 
 def results_folder(weights: str | os.PathLike) -> Path:
@@ -249,19 +191,3 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def run_guarded(setup: Callable[[], Any]) -> tuple[Any, int | None]:
-    """Call ``setup()``; on bad input print ``error: ...`` and return exit code 2 instead of a traceback.
-
-    Returns ``(value, None)`` on success and ``(None, 2)`` on a ``ValueError`` (``DataError``,
-    ``CheckpointError`` and ``EvalSetupError`` are ValueErrors) or an argparse error. Only set-up code goes
-    through here: an error during the evaluation itself is a bug and keeps its traceback.
-    """
-    try:
-        return setup(), None
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None, 2
-    except SystemExit as exit_:  # argparse has printed its usage message already
-        return None, exit_.code if isinstance(exit_.code, int) else 2

@@ -1,4 +1,5 @@
-"""Frozen-feature extraction shared by eval_knn.py, eval_linear.py and the trainer's online k-NN.
+"""Frozen-feature extraction shared by eval_knn.py, eval_linear.py and the trainer's online k-NN, and the checks
+on the (features, labels) pairs it returns (``check_labels``, ``num_classes_of``).
 
 Each rank embeds one contiguous shard of the dataset; the shards are gathered in rank order, so the rows come
 back in dataset order on every rank (as the reference did with its index bookkeeping, without the bookkeeping).
@@ -121,3 +122,41 @@ def save_features(path: str | Path, features: torch.Tensor, labels: torch.Tensor
 def load_features(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     data = torch.load(path, map_location="cpu", weights_only=True)
     return data["features"], data["labels"]
+
+
+def num_classes_of(*labelled: Dataset | torch.Tensor) -> int:
+    """The number of classes over data sets and / or label tensors: a data set's ``classes`` count (an
+    ImageFolder's folders, empty ones included) where it has one, else the largest label + 1.
+
+    Example:
+        >>> num_classes_of(torch.tensor([0, 2]), torch.tensor([1, 3]))
+        4
+    """
+    counts = []
+    for item in labelled:
+        classes = getattr(item, "classes", None)
+        if classes:
+            counts.append(len(classes))
+        else:
+            labels = item if isinstance(item, torch.Tensor) else torch.as_tensor(item.targets)
+            counts.append(int(labels.max()) + 1)
+    return max(counts)
+
+
+def check_labels(name: str, labels: torch.Tensor, num_rows: int, num_classes: int,
+                 count_flag: str = "num_classes") -> None:
+    """Raise a ValueError unless ``labels`` are ``num_rows`` integers in ``[0, num_classes)``, one per feature row;
+    the message names the split (``name``) and the argument to fix (``count_flag``)."""
+    if labels.shape != (num_rows,):
+        raise ValueError(
+            f"{name} labels must have shape ({num_rows},) to match the features, got {tuple(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"{name} labels must be an integer tensor, got {labels.dtype}")
+    if not num_rows:
+        return
+    low, high = labels.min().item(), labels.max().item()
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"{name} labels must lie in [0, {num_classes}), found [{low}, {high}]; pass the right {count_flag}"
+        )

@@ -41,9 +41,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import faiss
 import torch
+
+from simpool.evaluation.features import check_labels, num_classes_of
 
 __all__ = [
     "NUM_TOP_PREDICTIONS", "knn_classifier", "knn_on_features", "knn_predict", "knn_search", "usable_ks",
@@ -151,21 +154,19 @@ def knn_classifier(
     k: int | Sequence[int],
     T: float,
     num_classes: int = 1000,
-    backend: str = "auto",
-    query_chunk_size: int | None = None,
+    **search: Any,
 ) -> tuple[float, float] | dict[int, tuple[float, float]]:
     """Weighted k-NN accuracy ``(top1, top5)`` in percent, as DINO's ``eval_knn.knn_classifier``.
 
     ``k`` an int gives ``(top1, top5)``; a list gives ``{k: (top1, top5)}`` from one search. "top5" is
     top-``min(5, k)`` (the reference's convention), also capped at ``num_classes``. Features must be
     L2-normalised rows (``(N, D)`` bank, ``(M, D)`` queries); labels are integers in
-    ``[0, num_classes)``. See the module docstring for the formula.
+    ``[0, num_classes)``; ``search`` (``backend``, ``query_chunk_size``) goes to :func:`knn_predict`. See the
+    module docstring for the formula.
     """
     ks = _as_k_list(k)
     _validate(train_features, train_labels, test_features, test_labels, ks, T, num_classes)
-    predictions = knn_predict(
-        train_features, train_labels, test_features, ks, T, num_classes, backend, query_chunk_size
-    )
+    predictions = knn_predict(train_features, train_labels, test_features, ks, T, num_classes, **search)
     results = {kk: _top1_top5(preds, test_labels, kk) for kk, preds in predictions.items()}
     return results if isinstance(k, Sequence) else results[ks[0]]
 
@@ -199,7 +200,7 @@ def knn_on_features(
     """
     (train_x, train_y), (val_x, val_y) = train, val
     device = device or train_x.device
-    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    num_classes = num_classes_of(train_y, val_y)
     ks = usable_ks(nb_knn, train_x.shape[0])
     return knn_classifier(train_x.to(device), train_y.to(device), val_x.to(device), val_y.to(device), ks,
                           temperature, num_classes=num_classes)
@@ -268,21 +269,6 @@ def _validate(
         raise ValueError(f"temperature T must be > 0, got {T}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    _validate_labels("train", train_labels, n_train, num_classes)
+    check_labels("train", train_labels, n_train, num_classes)
     if test_labels is not None:
-        _validate_labels("test", test_labels, test_features.shape[0], num_classes)
-
-
-def _validate_labels(name: str, labels: torch.Tensor, n: int, num_classes: int) -> None:
-    if labels.shape != (n,):
-        raise ValueError(
-            f"{name} labels must have shape ({n},) to match the features, got {tuple(labels.shape)}"
-        )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{name} labels must be an integer tensor, got {labels.dtype}")
-    low, high = labels.min().item(), labels.max().item()
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"{name} labels must lie in [0, {num_classes}), found range [{low}, {high}]; "
-            "pass the right num_classes"
-        )
+        check_labels("test", test_labels, test_features.shape[0], num_classes)

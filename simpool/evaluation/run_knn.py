@@ -21,15 +21,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.data import Dataset
 
-from simpool.distributed import DistInfo, barrier, cleanup, is_main_process
+from simpool.distributed import barrier, cleanup, is_main_process
 from simpool.evaluation.common import (
     EvalSetupError,
     add_data_flags,
@@ -40,13 +39,14 @@ from simpool.evaluation.common import (
     parse_flags,
     require_weights,
     results_folder,
-    run_guarded,
     setup_distributed,
     write_json,
 )
 from simpool.evaluation.features import eval_transform, extract_features, load_features, save_features
 from simpool.evaluation.knn import knn_on_features
 from simpool.flags import bool_flag
+
+log = logging.getLogger(__name__)
 
 RESULTS_FILE = "knn.json"
 SPLIT_FILES = {"train": "train.pth", "val": "val.pth"}
@@ -107,33 +107,6 @@ def check_knn_flags(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # features
 # ----------------------------------------------------------------------------------------------------------
-def prepare(
-    args: argparse.Namespace, dist_info: DistInfo
-) -> tuple[dict[str, Dataset], nn.Module, dict[str, Any]]:
-    """The data splits, then the model: bad data stop the run before the model is built, and weights that do
-    not fit stop it before anything is embedded."""
-    train, val, num_classes = labelled_splits(args, eval_transform(args.image_size))
-    model, source = build_model(args, dist_info.device)
-    if is_main_process():
-        print(
-            f"evaluating {source.arch} ({source.mode} mode, gamma {source.gamma}) from "
-            f"{source.weights or 'random initialisation'}: {len(train)} train / {len(val)} val images, "
-            f"{num_classes} classes"
-        )
-    info = {**source.as_dict(), "num_classes": num_classes, "image_size": args.image_size}
-    return {"train": train, "val": val}, model, info
-
-
-def embed_splits(
-    args: argparse.Namespace, datasets: dict[str, Dataset], model: nn.Module, device: torch.device
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{"train": (features, labels), "val": ...}: L2-normalised backbone outputs, on every rank."""
-    return {
-        name: extract_features(model, dataset, args.batch_size_per_gpu, args.num_workers, device)
-        for name, dataset in datasets.items()  # normalize=True: k-NN compares cosine similarities
-    }
-
-
 def read_dumped_features(folder: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {name: load_features(Path(folder) / file) for name, file in SPLIT_FILES.items()}
 
@@ -142,7 +115,7 @@ def dump_features(folder: str, splits: dict[str, tuple[torch.Tensor, torch.Tenso
     if is_main_process():
         for name, file in SPLIT_FILES.items():
             save_features(Path(folder) / file, *splits[name])
-        print(f"features saved in {folder}")
+        log.info("features saved in %s", folder)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,7 +147,7 @@ def results_path(args: argparse.Namespace) -> Path | None:
 def report(
     args: argparse.Namespace, splits: dict[str, tuple], results: dict[int, tuple], info: dict[str, Any]
 ) -> None:
-    print(format_table(results, args.temperature))
+    log.info(format_table(results, args.temperature))
     path = results_path(args)
     if path is None:
         return
@@ -188,26 +161,43 @@ def report(
             "results": {str(k): {"top1": top1, "top5": top5} for k, (top1, top5) in results.items()},
         },
     )
-    print(f"results written to {path}")
+    log.info("results written to %s", path)
+
+
+def bad_input(err: ValueError) -> int:
+    """``error: ...`` on stderr, exit code 2: a ValueError found while setting up is the user's to fix."""
+    print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of eval_knn.py; returns the exit code (2: bad input, reported before any extraction)."""
-    args, error = run_guarded(lambda: parse_flags(get_args_parser(), argv))
-    if error is None:
-        _, error = run_guarded(lambda: check_knn_flags(args))
-    if error is not None:
-        return error
+    try:
+        args = parse_flags(get_args_parser(), argv)
+        check_knn_flags(args)
+    except ValueError as err:
+        return bad_input(err)
     dist_info = setup_distributed(args)
     if args.load_features:
         splits, info = read_dumped_features(args.load_features), {"features": args.load_features}
     else:
-        prepared, error = run_guarded(lambda: prepare(args, dist_info))
-        if error is not None:
+        try:
+            # Bad data stop the run before the model is built, weights that do not fit before anything is embedded.
+            train, val, num_classes = labelled_splits(args, eval_transform(args.image_size))
+            model, source = build_model(args, dist_info.device)
+        except ValueError as err:
             cleanup()
-            return error
-        datasets, model, info = prepared
-        splits = embed_splits(args, datasets, model, dist_info.device)
+            return bad_input(err)
+        log.info(
+            f"evaluating {source.arch} ({source.mode} mode, gamma {source.gamma}) from "
+            f"{source.weights or 'random initialisation'}: {len(train)} train / {len(val)} val images, "
+            f"{num_classes} classes"
+        )
+        info = {**source.as_dict(), "num_classes": num_classes, "image_size": args.image_size}
+        splits = {  # L2-normalised (normalize=True): the k-NN compares cosine similarities; on every rank
+            name: extract_features(model, dataset, args.batch_size_per_gpu, args.num_workers, dist_info.device)
+            for name, dataset in (("train", train), ("val", val))
+        }
         if args.dump_features:
             dump_features(args.dump_features, splits)
     if is_main_process():  # every rank holds all the features: one search is enough

@@ -1,0 +1,1 @@
+"""Command-line tools beside training and evaluation (simpool-export, simpool-visualize): argv in, exit code out."""
