@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import yaml
@@ -22,7 +23,9 @@ import yaml
 from simpool.loading import FROM_CHECKPOINT
 from simpool.models.base import AUTO_GAMMA, MODES
 
-__all__ = ["AUTO_GAMMA", "add_backbone_flags", "backbone_flags", "bool_flag", "float_or_none", "key_value"]
+__all__ = [
+    "AUTO_GAMMA", "add_backbone_flags", "backbone_flags", "bad_input", "bool_flag", "float_or_none", "key_value",
+]
 
 
 def bool_flag(value: str | bool) -> bool:
@@ -82,3 +85,13 @@ def backbone_flags(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]
         "patch_size": getattr(args, f"{prefix}patch_size"),
         **overrides,
     }
+
+
+def bad_input(err: Exception, code: int = 2) -> int:
+    """Report a user's mistake as one line, ``error: ...`` on stderr, and return the exit code (2 by default).
+
+    Every entry point catches the ValueErrors its set-up raises (bad flags, data or weights) and returns this,
+    instead of a traceback.
+    """
+    print(f"error: {err}", file=sys.stderr)
+    return code

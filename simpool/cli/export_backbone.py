@@ -17,7 +17,7 @@ import json
 import sys
 
 from simpool.export import export_backbone
-from simpool.flags import add_backbone_flags, backbone_flags
+from simpool.flags import add_backbone_flags, backbone_flags, bad_input
 from simpool.loading import CONFIG_FILE
 
 
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export_backbone(args.checkpoint, args.out_dir, which=args.which, **backbone_flags(args))
     except ValueError as err:  # CheckpointError included
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return bad_input(err)
     config = json.loads((out / CONFIG_FILE).read_text())
     print(f"exported {config['arch']} ({config['mode']} mode, gamma {config['gamma']}, "
           f"embed_dim {config['embed_dim']}) to {out}:")

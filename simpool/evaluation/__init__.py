@@ -4,7 +4,9 @@
   gathered in dataset order), feature dumps, ``num_classes_of`` / ``check_labels`` for (features, labels) pairs
 * :mod:`simpool.evaluation.knn`: the weighted k-NN vote (DINO protocol); ``knn_on_features`` is the one entry
   point of ``eval_knn.py`` and of the trainer's online k-NN
-* :mod:`simpool.evaluation.linear`: linear classifiers on frozen features
+* :mod:`simpool.evaluation.linear`: linear heads on frozen features, one per lr, trained in one pass
+  (``torch.optim.SGD`` + ``CosineAnnealingLR``); :mod:`simpool.evaluation.linear_probe`: the probe's run
+  (checkpoint, resume, logs) behind ``eval_linear.py``
 * :mod:`simpool.evaluation.attention_metrics`: Jaccard / CorLoc of attention maps against object masks
 * :mod:`simpool.evaluation.common`: the flags and set-up the command-line drivers share
 * drivers (``main(argv) -> exit code``, not imported here): :mod:`~simpool.evaluation.run_knn` (``eval_knn.py``),
@@ -28,10 +30,10 @@ from simpool.evaluation.features import (
     save_features,
 )
 from simpool.evaluation.knn import knn_classifier, knn_on_features, knn_predict, knn_search, usable_ks, weighted_vote
-from simpool.evaluation.linear import LinearClassifier
+from simpool.evaluation.linear import MultiLRLinear, fit, probe_optimizer, train_linear_on_features
 
 __all__ = [
-    "LinearClassifier", "check_labels", "eval_transform", "extract_features", "feature_fn", "knn_classifier",
-    "knn_on_features", "knn_predict", "knn_search", "load_features", "num_classes_of", "save_features", "usable_ks",
-    "weighted_vote",
+    "check_labels", "eval_transform", "extract_features", "feature_fn", "fit", "knn_classifier", "knn_on_features",
+    "knn_predict", "knn_search", "load_features", "MultiLRLinear", "num_classes_of", "probe_optimizer",
+    "save_features", "train_linear_on_features", "usable_ks", "weighted_vote",
 ]

@@ -39,6 +39,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler, TensorDataset
 
 from simpool.distributed import all_reduce_sum, get_rank, get_world_size
+from simpool.evaluation.features import check_labels
 
 __all__ = ["Embedded", "MultiLRLinear", "Permutation", "accuracy", "evaluate", "feature_batches", "fit",
            "probe_optimizer", "train_linear_on_features", "train_one_epoch"]
@@ -315,15 +316,4 @@ def _validate_lrs(lrs: Sequence[float]) -> list[float]:
 def _validate_split(name: str, features: torch.Tensor, labels: torch.Tensor, num_labels: int) -> None:
     if features.shape[0] == 0:
         raise ValueError(f"{name} features are empty")
-    if labels.shape != (features.shape[0],):
-        raise ValueError(
-            f"{name} labels must have shape ({features.shape[0]},) to match the features, "
-            f"got {tuple(labels.shape)}"
-        )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{name} labels must be an integer tensor, got {labels.dtype}")
-    low, high = labels.min().item(), labels.max().item()
-    if low < 0 or high >= num_labels:
-        raise ValueError(
-            f"{name} labels must lie in [0, {num_labels}), found [{low}, {high}]; pass the right num_labels"
-        )
+    check_labels(name, labels, features.shape[0], num_labels, count_flag="num_labels")

@@ -44,7 +44,7 @@ from simpool.evaluation.common import (
 )
 from simpool.evaluation.features import eval_transform, extract_features, load_features, save_features
 from simpool.evaluation.knn import knn_on_features
-from simpool.flags import bool_flag
+from simpool.flags import bad_input, bool_flag
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,6 @@ def report(
         },
     )
     log.info("results written to %s", path)
-
-
-def bad_input(err: ValueError) -> int:
-    """``error: ...`` on stderr, exit code 2: a ValueError found while setting up is the user's to fix."""
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,7 +71,7 @@ from simpool.evaluation.linear_probe import (
     train_probe,
     train_transform,
 )
-from simpool.flags import bool_flag
+from simpool.flags import bad_input, bool_flag
 from simpool.logs import setup_logging
 
 log = logging.getLogger("simpool.evaluation.run_linear")  # not __name__: "__main__" under python -m
@@ -214,11 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     barrier()
     cleanup()
     return 0
-
-
-def bad_input(err: ValueError) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":
