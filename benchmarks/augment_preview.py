@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 import torchvision.utils
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simpool.dino.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO  # noqa: E402
-from simpool.dino.gpu_augment import GPUMultiCrop  # noqa: E402
+from simpool.dino.augment import DataAugmentationDINO, GPUMultiCrop  # noqa: E402
 
 GLOBAL_SCALE, LOCAL_SCALE = (0.25, 1.0), (0.05, 0.25)
 

@@ -1,89 +1,73 @@
 """DINO multi-crop on batches of tensors, on any device: the loader only decodes, the accelerator augments.
 
-The reference spends ~28 ms of CPU per image on augmentation; on a 16-core host feeding one GPU the loader
-workers take every core and the training step starves (GUIDE.md §4). Here the CPU work per image is reading
-the file and decoding it (:class:`DecodeOnlyDataset` + :func:`collate_padded`); :class:`GPUMultiCrop` then
-draws DINO's random decisions for the whole batch (the same sampler as the CPU path,
-:func:`simpool.dino.augment.sample_views`) and renders all crops with batched tensor ops:
+The reference spends ~28 ms of CPU per image on augmentation, so on a 16-core host feeding one GPU the loader
+workers take every core and the training step still waits for data. Here the CPU work per image is reading
+and decoding the file (a data set with :class:`DecodeForGPU` as its transform, batched by
+:func:`collate_padded_skip_bad`); :class:`GPUMultiCrop` then draws DINO's random decisions for the whole batch
+(the sampler of the CPU path, :func:`.params.sample_multicrop`) and renders all crops with batched tensor ops:
 
 * crop + resize: ``torchvision.ops.roi_align`` with one box per crop, ``aligned=True`` and adaptive
   sampling (ceil(box side / output side) bilinear samples per output pixel and axis, averaged). That is
   bilinear interpolation with box-filter antialiasing, where the reference uses PIL's antialiased bicubic:
   crops come out slightly softer; the crop geometry distribution is identical;
 * flip, colour jitter (per-sample random order), grayscale, Gaussian blur (per-sample sigma), solarize and
-  normalisation: :func:`simpool.dino.augment.apply_crop_decisions`, the code the CPU path runs too. Each op
-  runs once per batch on the rows that apply it; the jitter runs in four stages (at stage j each crop
-  applies its j-th op), with brightness, contrast and saturation merged into one per-row blend
-  ``f x + (1 - f) target`` (target black, mean luma, luma image). Rows are chosen from the decisions,
-  which live on the CPU, so nothing waits on the device.
+  normalisation: :func:`.ops.apply_crop_decisions`, the code the CPU path runs too. Each op runs once per
+  batch on the rows that apply it; rows are chosen from the decisions, which live on the CPU, so nothing
+  waits on the device.
 
 Randomness comes from a CPU ``torch.Generator`` (``seed`` or a ``generator`` argument), so the same seed gives
 the same crops on CPU and on CUDA, and the decisions are drawn without any device synchronisation.
 
 Input: a list of (3, H_i, W_i) uint8 tensors, or a zero-padded (B, 3, Hmax, Wmax) uint8 tensor with
-``sizes`` (B, 2) = (H_i, W_i) as :func:`collate_padded` returns. Output: [global 1, global 2, local 1, ...,
+``sizes`` (B, 2) = (H_i, W_i) as :func:`pad_images` returns. Output: [global 1, global 2, local 1, ...,
 local N], each (B, 3, s, s) float32 on the input's device, normalised.
 
 Example::
 
-    loader = DataLoader(DecodeOnlyDataset(ImageFolder(root).samples), batch_size=100, num_workers=4,
-                        collate_fn=collate_padded, pin_memory=True)
+    dataset = ImageFolderDataset(root, transform=DecodeForGPU())
+    loader = DataLoader(dataset, batch_size=100, num_workers=4, collate_fn=collate_padded_skip_bad,
+                        pin_memory=True)
     multicrop = GPUMultiCrop((0.25, 1.0), (0.05, 0.25), local_crops_number=6, seed=0)
-    for images, sizes, labels in loader:
+    for (images, sizes), labels, num_skipped in loader:
         crops = multicrop(images.to("cuda", non_blocking=True), sizes)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 import torch
-import torchvision
+from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import roi_align
 
-from simpool.dino.augment import (
-    ViewParams,
-    apply_crop_decisions,
-    dino_view_recipes,
-    pil_to_uint8_chw,
-    sample_views,
-)
+from simpool.data import BadSample, CollatedBatch, collate_skip_bad
+from simpool.dino.augment.cpu import pil_to_uint8_chw
+from simpool.dino.augment.ops import apply_crop_decisions
+from simpool.dino.augment.params import ViewParams, dino_multicrop, sample_multicrop
 
 # ----------------------------------------------------------------------------------------------------------
-# CPU side: read + decode only
+# CPU side: decode, pad
 # ----------------------------------------------------------------------------------------------------------
 
 
-def decode_image_file(path: str | Path) -> Tensor:
-    """(3, H, W) uint8 RGB pixels of an image file (JPEG, PNG, WebP, GIF; grayscale/CMYK become RGB)."""
-    data = torchvision.io.read_file(str(path))
-    return decode_image(data, mode=ImageReadMode.RGB)
+class DecodeForGPU:
+    """Dataset transform of the batched path: PIL image -> (3, H, W) uint8, large photos reduced on the CPU.
 
-
-class DecodeOnlyDataset(Dataset):
-    """Images as decoded uint8 tensors, no augmentation: the CPU half of the batched pipeline.
-
-    Args:
-        samples: file paths, or (path, label) pairs such as ``ImageFolder(root).samples``.
-
-    ``dataset[i]`` is ``(pixels (3, H, W) uint8, label)`` (label -1 when only paths are given).
+    Photos whose longer side exceeds ``2 * max_side`` are shrunk by an integer factor (``Image.reduce``, a
+    cheap box filter) so a padded batch stays small; DINO's crops are at most 224 px, so ``max_side=512``
+    keeps every crop at or above its output resolution for the usual crop scales.
     """
 
-    def __init__(self, samples: Sequence[str | Path] | Sequence[tuple[str | Path, int]]) -> None:
-        if len(samples) == 0:
-            raise ValueError("DecodeOnlyDataset needs at least one image path")
-        self.samples = [(s, -1) if isinstance(s, str | Path) else (s[0], int(s[1])) for s in samples]
+    def __init__(self, max_side: int = 512) -> None:
+        self.max_side = max_side
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        path, label = self.samples[index]
-        return decode_image_file(path), label
+    def __call__(self, image: Image.Image) -> Tensor:
+        factor = max(image.size) // self.max_side
+        if factor >= 2:
+            image = image.reduce(factor)
+        return pil_to_uint8_chw(image)
 
 
 def pad_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -101,14 +85,19 @@ def pad_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return padded, sizes
 
 
-def collate_padded(batch: Sequence[tuple[Tensor, int]]) -> tuple[Tensor, Tensor, Tensor]:
-    """DataLoader ``collate_fn`` for :class:`DecodeOnlyDataset`: (padded uint8 images, sizes (B, 2), labels).
-
-    One padded tensor rather than a list, so the batch moves to the device in a single copy.
-    """
+def _collate_padded(batch: Sequence[tuple[Tensor, int]]) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    # one padded tensor rather than a list, so the batch moves to the device in a single copy
     padded, sizes = pad_images([image for image, _ in batch])
-    labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
-    return padded, sizes, labels
+    return (padded, sizes), torch.tensor([label for _, label in batch], dtype=torch.int64)
+
+
+def collate_padded_skip_bad(samples: Sequence[tuple[Tensor, Any] | BadSample]) -> CollatedBatch:
+    """DataLoader ``collate_fn`` of the batched path: :func:`simpool.data.collate_skip_bad` (drop and count
+    unreadable files) with the good (uint8 image, label) samples padded into one batch.
+
+    Returns ``CollatedBatch(images=(padded (B, 3, Hmax, Wmax) uint8, sizes (B, 2)), labels (B,), num_skipped)``.
+    """
+    return collate_skip_bad(samples, collate=_collate_padded)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,21 +125,15 @@ class GPUMultiCrop(nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if local_crops_number < 0:
-            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
-        self.recipes = dino_view_recipes(global_crops_scale, local_crops_scale, global_crops_size, local_crops_size)
-        self.local_crops_number = int(local_crops_number)
+        self.recipes, self.counts = dino_multicrop(
+            global_crops_scale, local_crops_scale, local_crops_number, global_crops_size, local_crops_size
+        )
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def sample_params(self, sizes: Tensor, generator: torch.Generator | None = None) -> list[ViewParams]:
         """Decisions for [global 1 (B rows), global 2 (B rows), locals (N*B rows, local view major)]."""
         generator = generator if generator is not None else self.generator
-        heights, widths = sizes[:, 0].cpu(), sizes[:, 1].cpu()
-        counts = (1, 1, self.local_crops_number)
-        repeats = sum(counts)
-        return sample_views(
-            self.recipes, [c * len(heights) for c in counts], heights.repeat(repeats), widths.repeat(repeats), generator
-        )
+        return sample_multicrop(self.recipes, self.counts, sizes[:, 0].cpu(), sizes[:, 1].cpu(), generator)
 
     def forward(
         self,
@@ -222,38 +205,4 @@ def render_crops(source: Tensor, size: int, params: ViewParams) -> Tensor:
     image_index = (torch.arange(count) % num_images).to(torch.float32)
     boxes = torch.stack([image_index, left, top, left + width, top + height], dim=1).to(device)
     crops = roi_align(source, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-
     return apply_crop_decisions(crops, params)
-
-
-class DecodeForGPU:
-    """Dataset transform of the batched path: PIL image -> (3, H, W) uint8, large photos reduced on the CPU.
-
-    Photos whose longer side exceeds ``2 * max_side`` are shrunk by an integer factor (``Image.reduce``, a
-    cheap box filter) so a padded batch stays small; DINO's crops are at most 224 px, so ``max_side=512``
-    keeps every crop at or above its output resolution for the usual crop scales.
-    """
-
-    def __init__(self, max_side: int = 512) -> None:
-        self.max_side = max_side
-
-    def __call__(self, image) -> Tensor:
-        factor = max(image.size) // self.max_side
-        if factor >= 2:
-            image = image.reduce(factor)
-        return pil_to_uint8_chw(image)
-
-
-def collate_padded_skip_bad(samples):
-    """``collate_skip_bad`` for the batched path: drop unreadable files, pad the rest into one uint8 batch.
-
-    Returns ``CollatedBatch(images=(padded, sizes), labels, num_skipped)``.
-    """
-    from simpool.data import BadSample, CollatedBatch
-
-    good = [s for s in samples if not isinstance(s, BadSample)]
-    num_skipped = torch.tensor(len(samples) - len(good), dtype=torch.int64)
-    if not good:
-        return CollatedBatch(None, None, num_skipped)
-    padded, sizes, labels = collate_padded(good)
-    return CollatedBatch((padded, sizes), labels, num_skipped)
