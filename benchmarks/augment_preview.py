@@ -63,7 +63,9 @@ def main() -> None:
 
     pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).to(args.device)
     # another seed: with the same one both paths would draw the same first decisions
-    batched_path = GPUMultiCrop(GLOBAL_SCALE, LOCAL_SCALE, args.local_crops, seed=args.seed + 1)
+    batched_path = GPUMultiCrop(
+        GLOBAL_SCALE, LOCAL_SCALE, args.local_crops, generator=torch.Generator().manual_seed(args.seed + 1)
+    )
     views = batched_path([pixels] * args.draws)  # one batch: each row is one sample of the batch
     rows += [for_display([view[i] for view in views], 224) for i in range(args.draws)]
 

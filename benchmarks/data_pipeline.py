@@ -245,7 +245,7 @@ def time_gpu_augmentation(paths: list[Path], local_crops: int, device: str, batc
     images, sizes = pad_images([decoded[i % len(decoded)] for i in range(batch)])
     is_cuda = device.startswith("cuda")
     images = images.pin_memory() if is_cuda else images
-    multicrop = GPUMultiCrop(GLOBAL_SCALE, LOCAL_SCALE, local_crops, seed=0)
+    multicrop = GPUMultiCrop(GLOBAL_SCALE, LOCAL_SCALE, local_crops, generator=torch.Generator().manual_seed(0))
     sync = torch.cuda.synchronize if is_cuda else (lambda: None)
     for _ in range(3):
         multicrop(images.to(device, non_blocking=True), sizes)

@@ -16,7 +16,7 @@ def test_gpu_path_shapes_and_list_equals_padded_input():
     images = [
         torch.from_numpy(smooth_photo(h, w, seed=h)).permute(2, 0, 1).contiguous() for h, w in [(40, 60), (70, 30)]
     ]
-    multicrop = GPUMultiCrop(GLOBAL_SCALE, LOCAL_SCALE, 2, global_crops_size=32, local_crops_size=16, seed=3)
+    multicrop = GPUMultiCrop(GLOBAL_SCALE, LOCAL_SCALE, 2, global_crops_size=32, local_crops_size=16)
     from_list = multicrop(images, generator=torch.Generator().manual_seed(1))
     padded, sizes = pad_images(images)
     from_padded = multicrop(padded, sizes, generator=torch.Generator().manual_seed(1))
@@ -28,7 +28,7 @@ def test_gpu_path_shapes_and_list_equals_padded_input():
 
 def test_gpu_path_seed_reproducibility():
     images = [torch.from_numpy(smooth_photo(50, 50 + 10 * i, seed=i)).permute(2, 0, 1) for i in range(3)]
-    make = lambda seed: GPUMultiCrop(GLOBAL_SCALE, LOCAL_SCALE, 2, 32, 16, seed=seed)  # noqa: E731
+    make = lambda seed: GPUMultiCrop(GLOBAL_SCALE, LOCAL_SCALE, 2, 32, 16, torch.Generator().manual_seed(seed))  # noqa: E731
     first, again, other = make(7)(images), make(7)(images), make(8)(images)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not any(torch.allclose(a, b) for a, b in zip(first, other))
@@ -86,7 +86,7 @@ def test_padded_collate_skips_bad_files_and_feeds_the_multicrop(tmp_path):
     assert sizes.tolist() == [[30, 40], [50, 20]] and labels.tolist() == [0, 1] and int(num_skipped) == 1
     assert (images[0, :, :30, :40].float() - torch.from_numpy(smooth_photo(30, 40)).permute(2, 0, 1)).abs().mean() < 4
     assert (images[0, :, 30:] == 0).all() and (images[1, :, :, 20:] == 0).all()  # zero padding
-    crops = GPUMultiCrop(GLOBAL_SCALE, LOCAL_SCALE, 1, 16, 8, seed=0)(images, sizes)
+    crops = GPUMultiCrop(GLOBAL_SCALE, LOCAL_SCALE, 1, 16, 8)(images, sizes)
     assert [tuple(c.shape) for c in crops] == [(2, 3, 16, 16)] * 2 + [(2, 3, 8, 8)]
     all_bad = collate_padded_skip_bad([samples[2], samples[2]])
     assert all_bad.images is None and all_bad.labels is None and int(all_bad.num_skipped) == 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from simpool.dino.augment import DataAugmentationDINO, ViewRecipe, dino_multicrop, dino_view_recipes, sample_views
+from simpool.dino.augment import MultiCropSampler, ViewRecipe, dino_view_recipes, sample_views
 from tests.augment_helpers import GLOBAL_SCALE, LOCAL_SCALE
 
 DRAWS = 4000
@@ -22,7 +22,7 @@ def binomial_ok(hits: int, n: int, p: float, sigmas: float = 4.5) -> bool:
 def crop_boxes(height: int, width: int, scale, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(n, 4) boxes of n crops of one recipe with this scale, through the public sampler."""
     recipe = ViewRecipe(224, scale, blur_p=0.0)
-    params = sample_views([recipe], [n], torch.full((n,), height), torch.full((n,), width), generator)[0]
+    params = sample_views([recipe], [n], torch.tensor([height]), torch.tensor([width]), generator)[0]
     return params.boxes
 
 
@@ -67,8 +67,8 @@ def test_apply_probabilities_and_ranges():
     params = sample_views(
         recipes,
         [DRAWS] * 3,
-        torch.full((3 * DRAWS,), 375),
-        torch.full((3 * DRAWS,), 500),
+        torch.tensor([375]),
+        torch.tensor([500]),
         torch.Generator().manual_seed(0),
     )
     for recipe, p in zip(recipes, params):
@@ -93,26 +93,31 @@ def test_apply_probabilities_and_ranges():
 
 def test_draws_follow_the_global_rng_or_the_given_generator():
     """Loader workers seed torch's global RNG (DataLoader does, per worker): equal seeds, equal crops."""
-    aug = DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, 4)
+    sampler = MultiCropSampler(GLOBAL_SCALE, LOCAL_SCALE, 4)
+    sizes = torch.tensor([100, 90]), torch.tensor([120, 300])
     torch.manual_seed(5)
-    a = aug.sample_params(100, 120)
+    a = sampler.sample_params(*sizes)
     torch.manual_seed(5)
-    b = aug.sample_params(100, 120)
+    b = sampler.sample_params(*sizes)
     torch.manual_seed(6)
-    c = aug.sample_params(100, 120)
-    assert [len(p) for p in a] == [1, 1, 4]
+    c = sampler.sample_params(*sizes)
+    assert [len(p) for p in a] == [2, 2, 8]
     assert all(torch.equal(x.boxes, y.boxes) for x, y in zip(a, b))
     assert not all(torch.equal(x.boxes, y.boxes) for x, y in zip(a, c))
-    seeded = DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, 4, generator=torch.Generator().manual_seed(5))
-    assert all(torch.equal(x.boxes, y.boxes) for x, y in zip(seeded.sample_params(100, 120), a))
+    # view major: row k of every view is cut from image k mod 2
+    assert (a[2].boxes[1::2, 3] <= 300).all() and (a[2].boxes[0::2, 3] <= 120).all()
+    seeded = MultiCropSampler(GLOBAL_SCALE, LOCAL_SCALE, 4, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(x.boxes, y.boxes) for x, y in zip(seeded.sample_params(*sizes), a))
+    override = sampler.sample_params(*sizes, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(x.boxes, y.boxes) for x, y in zip(override, a))
 
 
 def test_bad_layouts_are_refused():
     with pytest.raises(ValueError, match="local_crops_number"):
-        dino_multicrop(GLOBAL_SCALE, LOCAL_SCALE, -1)
+        MultiCropSampler(GLOBAL_SCALE, LOCAL_SCALE, -1)
     with pytest.raises(ValueError, match="scale"):
-        dino_multicrop((0.5, 0.2), LOCAL_SCALE, 2)
+        MultiCropSampler((0.5, 0.2), LOCAL_SCALE, 2)
     with pytest.raises(ValueError, match="pair"):
         dino_view_recipes((0.25,), LOCAL_SCALE)
-    with pytest.raises(ValueError, match="one height and width per crop"):
-        sample_views(dino_view_recipes(GLOBAL_SCALE, LOCAL_SCALE), [1, 1, 2], torch.full((3,), 5), torch.full((3,), 5))
+    with pytest.raises(ValueError, match="one height and one width per image"):
+        sample_views(dino_view_recipes(GLOBAL_SCALE, LOCAL_SCALE), [1, 1, 2], torch.full((3,), 5), torch.full((2,), 5))

@@ -18,17 +18,17 @@ Example::
 from simpool.dino.augment.batched import DecodeForGPU, GPUMultiCrop, collate_padded_skip_bad, pad_images
 from simpool.dino.augment.cpu import DataAugmentationDINO, pil_to_uint8_chw
 from simpool.dino.augment.ops import apply_crop_decisions
-from simpool.dino.augment.params import ViewParams, ViewRecipe, dino_multicrop, dino_view_recipes, sample_views
+from simpool.dino.augment.params import MultiCropSampler, ViewParams, ViewRecipe, dino_view_recipes, sample_views
 
 __all__ = [
     "DataAugmentationDINO",
     "DecodeForGPU",
     "GPUMultiCrop",
+    "MultiCropSampler",
     "ViewParams",
     "ViewRecipe",
     "apply_crop_decisions",
     "collate_padded_skip_bad",
-    "dino_multicrop",
     "dino_view_recipes",
     "pad_images",
     "pil_to_uint8_chw",

@@ -4,7 +4,7 @@ The reference spends ~28 ms of CPU per image on augmentation, so on a 16-core ho
 workers take every core and the training step still waits for data. Here the CPU work per image is reading
 and decoding the file (a data set with :class:`DecodeForGPU` as its transform, batched by
 :func:`collate_padded_skip_bad`); :class:`GPUMultiCrop` then draws DINO's random decisions for the whole batch
-(the sampler of the CPU path, :func:`.params.sample_multicrop`) and renders all crops with batched tensor ops:
+(the sampler of the CPU path, :class:`.params.MultiCropSampler`) and renders all crops with batched tensor ops:
 
 * crop + resize: ``torchvision.ops.roi_align`` with one box per crop, ``aligned=True`` and adaptive
   sampling (ceil(box side / output side) bilinear samples per output pixel and axis, averaged). That is
@@ -15,7 +15,7 @@ and decoding the file (a data set with :class:`DecodeForGPU` as its transform, b
   batch on the rows that apply it; rows are chosen from the decisions, which live on the CPU, so nothing
   waits on the device.
 
-Randomness comes from a CPU ``torch.Generator`` (``seed`` or a ``generator`` argument), so the same seed gives
+Randomness comes from a CPU ``torch.Generator`` (given to the constructor or to a call), so the same seed gives
 the same crops on CPU and on CUDA, and the decisions are drawn without any device synchronisation.
 
 Input: a list of (3, H_i, W_i) uint8 tensors, or a zero-padded (B, 3, Hmax, Wmax) uint8 tensor with
@@ -27,7 +27,7 @@ Example::
     dataset = ImageFolderDataset(root, transform=DecodeForGPU())
     loader = DataLoader(dataset, batch_size=100, num_workers=4, collate_fn=collate_padded_skip_bad,
                         pin_memory=True)
-    multicrop = GPUMultiCrop((0.25, 1.0), (0.05, 0.25), local_crops_number=6, seed=0)
+    multicrop = GPUMultiCrop((0.25, 1.0), (0.05, 0.25), local_crops_number=6)
     for (images, sizes), labels, num_skipped in loader:
         crops = multicrop(images.to("cuda", non_blocking=True), sizes)
 """
@@ -45,7 +45,7 @@ from torchvision.ops import roi_align
 from simpool.data import BadSample, CollatedBatch, collate_skip_bad
 from simpool.dino.augment.cpu import pil_to_uint8_chw
 from simpool.dino.augment.ops import apply_crop_decisions
-from simpool.dino.augment.params import ViewParams, dino_multicrop, sample_multicrop
+from simpool.dino.augment.params import MultiCropSampler, ViewParams
 
 # ----------------------------------------------------------------------------------------------------------
 # CPU side: decode, pad
@@ -105,35 +105,12 @@ def collate_padded_skip_bad(samples: Sequence[tuple[Tensor, Any] | BadSample]) -
 # ----------------------------------------------------------------------------------------------------------
 
 
-class GPUMultiCrop(nn.Module):
+class GPUMultiCrop(MultiCropSampler, nn.Module):
     """Batched DINO multi-crop (2 global + N local crops) on uint8 image batches, any device.
 
-    Args:
-        global_crops_scale, local_crops_scale: (min, max) crop area fractions.
-        local_crops_number: N local crops per image.
-        global_crops_size, local_crops_size: output sides in pixels.
-        seed: seeds this module's own CPU generator; None draws from torch's global RNG.
+    Arguments: those of :class:`~.params.MultiCropSampler` (crop scales, number of local crops, crop sizes,
+    optional CPU generator; None draws from torch's global RNG).
     """
-
-    def __init__(
-        self,
-        global_crops_scale: Sequence[float],
-        local_crops_scale: Sequence[float],
-        local_crops_number: int,
-        global_crops_size: int = 224,
-        local_crops_size: int = 96,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.recipes, self.counts = dino_multicrop(
-            global_crops_scale, local_crops_scale, local_crops_number, global_crops_size, local_crops_size
-        )
-        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
-
-    def sample_params(self, sizes: Tensor, generator: torch.Generator | None = None) -> list[ViewParams]:
-        """Decisions for [global 1 (B rows), global 2 (B rows), locals (N*B rows, local view major)]."""
-        generator = generator if generator is not None else self.generator
-        return sample_multicrop(self.recipes, self.counts, sizes[:, 0].cpu(), sizes[:, 1].cpu(), generator)
 
     def forward(
         self,
@@ -142,7 +119,7 @@ class GPUMultiCrop(nn.Module):
         generator: torch.Generator | None = None,
     ) -> list[Tensor]:
         padded, sizes = _as_padded_batch(images, sizes)
-        params = self.sample_params(sizes, generator)
+        params = self.sample_params(sizes[:, 0], sizes[:, 1], generator)
         return self.render(padded, sizes, params)
 
     def render(self, padded: Tensor, sizes: Tensor, params: list[ViewParams]) -> list[Tensor]:

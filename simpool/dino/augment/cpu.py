@@ -31,7 +31,6 @@ Example::
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ from PIL import Image
 from torch import Tensor
 
 from simpool.dino.augment.ops import apply_crop_decisions
-from simpool.dino.augment.params import ViewParams, dino_multicrop, sample_multicrop
+from simpool.dino.augment.params import MultiCropSampler, ViewParams
 
 
 def pil_to_uint8_chw(image: Image.Image | Tensor | np.ndarray) -> Tensor:
@@ -64,43 +63,17 @@ def pil_to_uint8_chw(image: Image.Image | Tensor | np.ndarray) -> Tensor:
     return image
 
 
-class DataAugmentationDINO:
+class DataAugmentationDINO(MultiCropSampler):
     """DINO multi-crop: 2 global crops then ``local_crops_number`` local crops, normalised float tensors.
 
     Same distributions as the reference (see the module docstring); colour ops in float rather than on
-    uint8 PIL images, so results differ from PIL only by rounding.
-
-    Args:
-        global_crops_scale: (min, max) area fraction of the global crops, e.g. (0.25, 1.0).
-        local_crops_scale: (min, max) area fraction of the local crops, e.g. (0.05, 0.25).
-        local_crops_number: number of local crops N (0 allowed).
-        global_crops_size, local_crops_size: output side in pixels.
-        generator: optional torch.Generator for reproducible draws (default: torch's global RNG, which
-            DataLoader seeds per worker).
+    uint8 PIL images, so results differ from PIL only by rounding. Arguments: those of
+    :class:`~.params.MultiCropSampler` (crop scales, number of local crops, crop sizes, optional generator).
     """
-
-    def __init__(
-        self,
-        global_crops_scale: Sequence[float],
-        local_crops_scale: Sequence[float],
-        local_crops_number: int,
-        global_crops_size: int = 224,
-        local_crops_size: int = 96,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        self.recipes, self.counts = dino_multicrop(
-            global_crops_scale, local_crops_scale, local_crops_number, global_crops_size, local_crops_size
-        )
-        self.generator = generator
-
-    def sample_params(self, height: int, width: int) -> list[ViewParams]:
-        """Decisions for [global crop 1, global crop 2, local crops] of an image of this size."""
-        heights, widths = torch.tensor([height]), torch.tensor([width])
-        return sample_multicrop(self.recipes, self.counts, heights, widths, self.generator)
 
     def __call__(self, image: Image.Image | Tensor) -> list[Tensor]:
         pixels = pil_to_uint8_chw(image)
-        params = self.sample_params(pixels.shape[1], pixels.shape[2])
+        params = self.sample_params(torch.tensor([pixels.shape[1]]), torch.tensor([pixels.shape[2]]))
         return self.render(pixels, params)
 
     def render(self, pixels: Tensor, params: list[ViewParams]) -> list[Tensor]:

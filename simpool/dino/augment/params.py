@@ -1,15 +1,15 @@
 """The random decisions of DINO's multi-crop: view recipes and their vectorised sampler.
 
 A :class:`ViewRecipe` is the distribution of one kind of crop; :func:`dino_view_recipes` gives DINO's three
-(global 1, global 2, local) and :func:`dino_multicrop` adds how many crops of each an image gets (1, 1, N).
-:func:`sample_views` draws every decision of every crop of a batch in one pass and returns them as
-:class:`ViewParams` records (tensors on the CPU), which the pixel ops in :mod:`.ops` apply. Nothing here
-looks at pixels, so the decisions can be inspected and counted on their own.
+(global 1, global 2, local). :func:`sample_views` draws every decision of every crop of a batch in one pass and
+returns them as :class:`ViewParams` records (tensors on the CPU), which the pixel ops in :mod:`.ops` apply;
+:class:`MultiCropSampler` holds DINO's layout (1, 1, N crops of the three recipes per image) and draws for it.
+Nothing here looks at pixels, so the decisions can be inspected and counted on their own.
 
 Example::
 
-    recipes, counts = dino_multicrop((0.25, 1.0), (0.05, 0.25), local_crops_number=6)
-    params = sample_multicrop(recipes, counts, torch.tensor([375]), torch.tensor([500]))
+    sampler = MultiCropSampler((0.25, 1.0), (0.05, 0.25), local_crops_number=6)
+    params = sampler.sample_params(torch.tensor([375]), torch.tensor([500]))
     params[2].boxes   # (6, 4) int64 (top, left, height, width) of the six local crops
 """
 
@@ -80,23 +80,6 @@ def dino_view_recipes(
         ViewRecipe(global_crops_size, global_scale, blur_p=0.1, solarize_p=0.2),
         ViewRecipe(local_crops_size, local_scale, blur_p=0.5),
     )
-
-
-def dino_multicrop(
-    global_crops_scale: Sequence[float],
-    local_crops_scale: Sequence[float],
-    local_crops_number: int,
-    global_crops_size: int = 224,
-    local_crops_size: int = 96,
-) -> tuple[tuple[ViewRecipe, ViewRecipe, ViewRecipe], tuple[int, int, int]]:
-    """DINO's recipes and the number of crops of each per image, (1, 1, local_crops_number).
-
-    The set-up both multi-crop transforms share (the per-image CPU one and the batched one).
-    """
-    if local_crops_number < 0:
-        raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
-    recipes = dino_view_recipes(global_crops_scale, local_crops_scale, global_crops_size, local_crops_size)
-    return recipes, (1, 1, int(local_crops_number))
 
 
 def _scale_pair(scale: Sequence[float], name: str) -> tuple[float, float]:
@@ -227,23 +210,27 @@ def sample_views(
     widths: Tensor,
     generator: torch.Generator | None = None,
 ) -> list[ViewParams]:
-    """Draw the decisions of ``counts[i]`` crops of ``recipes[i]`` for every i, in one vectorised pass.
+    """Draw the decisions of ``counts[i]`` crops of ``recipes[i]`` from each of B images, in one vectorised pass.
 
-    ``heights``/``widths`` (sum(counts),) give each crop's source image size, rows in recipe order. Each
-    decision is independent per crop, as in the reference: box as torchvision's ``RandomResizedCrop``
-    (see :func:`_crop_boxes`), each op applied when its coin u ~ U(0, 1) falls below its probability, jitter
-    factors uniform in [max(0, 1 - j), 1 + j] (hue in [-j, j]), sigma ~ U(blur_sigma); the jitter order is a
-    uniformly random permutation per crop, as torchvision's ``ColorJitter`` draws it. ``generator``: a CPU
-    generator, or None for torch's global RNG (which DataLoader seeds per worker).
+    ``heights``/``widths`` (B,) are the image sizes. Returns one ViewParams per recipe with counts[i] * B rows,
+    view major (row k comes from image k mod B). Each decision is independent per crop, as in the reference:
+    box as torchvision's ``RandomResizedCrop`` (see :func:`_crop_boxes`), each op applied when its coin
+    u ~ U(0, 1) falls below its probability, jitter factors uniform in [max(0, 1 - j), 1 + j] (hue in [-j, j]),
+    sigma ~ U(blur_sigma); the jitter order is a uniformly random permutation per crop, as torchvision's
+    ``ColorJitter`` draws it. ``generator``: a CPU generator, or None for torch's global RNG (which DataLoader
+    seeds per worker).
     """
+    heights, widths = torch.as_tensor(heights).reshape(-1), torch.as_tensor(widths).reshape(-1)
+    if heights.numel() != widths.numel() or heights.numel() == 0:
+        raise ValueError(f"need one height and one width per image, got {heights.numel()} and {widths.numel()}")
+    counts = [count * heights.numel() for count in counts]
     total = sum(counts)
-    if heights.numel() != total or widths.numel() != total:
-        raise ValueError(f"need one height and width per crop ({total}), got {heights.numel()}, {widths.numel()}")
+    heights, widths = heights.repeat(total // heights.numel()), widths.repeat(total // widths.numel())
     rows = _recipe_rows(tuple(recipes), tuple(counts))
     tries = _CROP_TRIES
     uniforms = torch.rand(total, 2 * tries + 2 + 5 + 4 + 4 + 1, dtype=torch.float64, generator=generator)
     uniforms = uniforms.numpy()
-    boxes = _crop_boxes(heights.reshape(-1).numpy(), widths.reshape(-1).numpy(), rows[:, 0:4], uniforms, tries)
+    boxes = _crop_boxes(heights.numpy(), widths.numpy(), rows[:, 0:4], uniforms, tries)
     draws = uniforms[:, 2 * tries + 2 :]
     coins, factor_draws, order_keys, sigma_draw = draws[:, 0:5], draws[:, 5:9], draws[:, 9:13], draws[:, 13]
     factor_low, factor_high = rows[:, 9:17:2], rows[:, 10:17:2]
@@ -261,20 +248,42 @@ def sample_views(
         "blur_sigma": (sigma_low + sigma_draw * (sigma_high - sigma_low)).astype(np.float32),
         "solarize": coins[:, 4] < rows[:, 8],
     }
-    split = {name: torch.from_numpy(value).split(list(counts)) for name, value in decisions.items()}
+    split = {name: torch.from_numpy(value).split(counts) for name, value in decisions.items()}
     return [ViewParams(**{name: parts[i] for name, parts in split.items()}) for i in range(len(recipes))]
 
 
-def sample_multicrop(
-    recipes: Sequence[ViewRecipe],
-    counts: Sequence[int],
-    heights: Tensor,
-    widths: Tensor,
-    generator: torch.Generator | None = None,
-) -> list[ViewParams]:
-    """Decisions for ``counts[i]`` crops of ``recipes[i]`` from each of B images of sizes ``heights``/``widths``
-    (B,): one ViewParams per recipe with counts[i] * B rows, view major (row k comes from image k mod B)."""
-    heights, widths = heights.reshape(-1), widths.reshape(-1)
-    repeats = sum(counts)
-    batch_counts = [count * heights.numel() for count in counts]
-    return sample_views(recipes, batch_counts, heights.repeat(repeats), widths.repeat(repeats), generator)
+class MultiCropSampler:
+    """DINO's multi-crop layout (2 global + N local crops per image) and the draw of its decisions: the part the
+    per-image CPU transform and the batched one share.
+
+    Args:
+        global_crops_scale, local_crops_scale: (min, max) crop area fractions, e.g. (0.25, 1.0), (0.05, 0.25).
+        local_crops_number: N local crops per image (0 allowed).
+        global_crops_size, local_crops_size: output sides in pixels.
+        generator: a CPU torch.Generator for reproducible draws; None (the default) draws from torch's global
+            RNG, which DataLoader seeds per worker (a generator given here would repeat in every worker).
+    """
+
+    def __init__(
+        self,
+        global_crops_scale: Sequence[float],
+        local_crops_scale: Sequence[float],
+        local_crops_number: int,
+        global_crops_size: int = 224,
+        local_crops_size: int = 96,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()  # cooperative: the batched transform is also an nn.Module
+        if local_crops_number < 0:
+            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
+        self.recipes = dino_view_recipes(global_crops_scale, local_crops_scale, global_crops_size, local_crops_size)
+        self.counts = (1, 1, int(local_crops_number))
+        self.generator = generator
+
+    def sample_params(
+        self, heights: Tensor, widths: Tensor, generator: torch.Generator | None = None
+    ) -> list[ViewParams]:
+        """Decisions for [global 1 (B rows), global 2 (B rows), locals (N B rows, local view major)] of B images
+        of sizes ``heights``/``widths`` (B,); ``generator`` overrides the sampler's own for this draw."""
+        generator = generator if generator is not None else self.generator
+        return sample_views(self.recipes, self.counts, heights, widths, generator)
