@@ -73,7 +73,7 @@ class DataAugmentationDINO(MultiCropSampler):
 
     def __call__(self, image: Image.Image | Tensor) -> list[Tensor]:
         pixels = pil_to_uint8_chw(image)
-        params = self.sample_params(torch.tensor([pixels.shape[1]]), torch.tensor([pixels.shape[2]]))
+        params = self.sample_params([pixels.shape[1]], [pixels.shape[2]])
         return self.render(pixels, params)
 
     def render(self, pixels: Tensor, params: list[ViewParams]) -> list[Tensor]:
