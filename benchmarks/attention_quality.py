@@ -51,10 +51,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from simpool.data import FASHION_MNIST_CLASSES  # noqa: E402
-from simpool.dino.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from simpool.dino.train import main as train_dino  # noqa: E402
 from simpool.evaluation.attention import evaluate_attention, fashion_samples, format_table  # noqa: E402
 from simpool.evaluation.attention_metrics import evaluate_maps, mask_to_box  # noqa: E402

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 import torchvision.utils
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simpool.dino.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO  # noqa: E402
-from simpool.dino.gpu_augment import GPUMultiCrop  # noqa: E402
+from simpool.dino.augment import DataAugmentationDINO, GPUMultiCrop  # noqa: E402
 
 GLOBAL_SCALE, LOCAL_SCALE = (0.25, 1.0), (0.05, 0.25)
 
@@ -62,7 +63,9 @@ def main() -> None:
 
     pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).to(args.device)
     # another seed: with the same one both paths would draw the same first decisions
-    batched_path = GPUMultiCrop(GLOBAL_SCALE, LOCAL_SCALE, args.local_crops, seed=args.seed + 1)
+    batched_path = GPUMultiCrop(
+        GLOBAL_SCALE, LOCAL_SCALE, args.local_crops, generator=torch.Generator().manual_seed(args.seed + 1)
+    )
     views = batched_path([pixels] * args.draws)  # one batch: each row is one sample of the batch
     rows += [for_display([view[i] for view in views], 224) for i in range(args.draws)]
 

@@ -6,8 +6,11 @@ Pipelines, timed in the same run, interleaved round by round (so machine noise h
                  re-implemented below exactly as main_dino.py / utils.py write it;
   (b) ours/cpu   PIL decode + simpool.dino.augment.DataAugmentationDINO (uint8/float tensor ops);
                  (b') the same with torchvision.io decoding straight to a uint8 tensor;
-  (c) ours/gpu   the CPU share of the batched path: read + torchvision decode only
-                 (simpool.dino.gpu_augment.DecodeOnlyDataset); the augmentation runs on the device.
+  (v) v2         PIL decode + the same recipe built from torchvision.transforms.v2 on the uint8 CHW tensor
+                 (RandomResizedCrop, flip, ColorJitter, grayscale, GaussianBlur, RandomSolarize, ToDtype,
+                 Normalize), the stock alternative to (b);
+  (c) ours/gpu   the CPU share of the batched path as the trainer runs it: PIL decode + DecodeForGPU
+                 (simpool.dino.augment); the augmentation runs on the device.
 
 The images are real photos shipped in scikit-image / scikit-learn, resized to ImageNet's typical 500x375
 and written as quality-90 JPEGs to a temporary folder. Crops: 2 x 224 + N x 96 (default N = 6), global
@@ -34,16 +37,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.v2 as v2
 from PIL import Image, ImageFilter, ImageOps
+from torchvision.io import ImageReadMode, decode_image, read_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simpool.dino.augment import DataAugmentationDINO  # noqa: E402
-from simpool.dino.gpu_augment import (  # noqa: E402
-    DecodeOnlyDataset,
+from simpool.dino.augment import (  # noqa: E402
+    DataAugmentationDINO,
+    DecodeForGPU,
     GPUMultiCrop,
-    collate_padded,
-    decode_image_file,
+    pad_images,
+    pil_to_uint8_chw,
 )
 
 GLOBAL_SCALE = (0.25, 1.0)
@@ -120,6 +125,50 @@ class ReferenceDataAugmentationDINO:
         return crops
 
 
+# ----------------------------------------------------------------------------------------------------------
+# (v) The same recipe from torchvision.transforms.v2 on uint8 CHW tensors.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class V2DataAugmentationDINO:
+    """DINO's multi-crop as torchvision.transforms.v2 writes it, on a (3, H, W) uint8 tensor.
+
+    v2's GaussianBlur takes a fixed kernel: 13 taps reach 3 sigma at the largest sigma (2.0), as ours do.
+    """
+
+    def __init__(self, global_crops_scale, local_crops_scale, local_crops_number: int) -> None:
+        bicubic = v2.InterpolationMode.BICUBIC
+
+        def view(size: int, scale, blur_p: float, solarize_p: float = 0.0) -> v2.Compose:
+            return v2.Compose(
+                [
+                    v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True),
+                    v2.RandomHorizontalFlip(p=0.5),
+                    v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                    v2.RandomGrayscale(p=0.2),
+                    v2.RandomApply([v2.GaussianBlur(kernel_size=13, sigma=(0.1, 2.0))], p=blur_p),
+                    v2.RandomSolarize(threshold=128, p=solarize_p),
+                    v2.ToDtype(torch.float32, scale=True),
+                    v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                ]
+            )
+
+        self.global_transfo1 = view(224, global_crops_scale, blur_p=1.0)
+        self.global_transfo2 = view(224, global_crops_scale, blur_p=0.1, solarize_p=0.2)
+        self.local_transfo = view(96, local_crops_scale, blur_p=0.5)
+        self.local_crops_number = local_crops_number
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        crops.extend(self.local_transfo(image) for _ in range(self.local_crops_number))
+        return crops
+
+
+def decode_file(path: Path) -> torch.Tensor:
+    """(3, H, W) uint8 RGB pixels straight from torchvision.io."""
+    return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+
+
 def pil_loader(path: Path) -> Image.Image:
     """torchvision.datasets.folder.pil_loader, what the reference's ImageFolder uses."""
     with open(path, "rb") as f:
@@ -168,13 +217,14 @@ def images_per_second(work: Callable[[Path], object], paths: list[Path], count: 
 def time_cpu_pipelines(paths: list[Path], local_crops: int, rounds: int, count: int) -> dict[str, list[float]]:
     reference = ReferenceDataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, local_crops)
     ours = DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, local_crops)
-    decode_only = DecodeOnlyDataset(paths)
-    index = {path: i for i, path in enumerate(paths)}
+    stock = V2DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, local_crops)
+    decode_for_gpu = DecodeForGPU()
     pipelines = {
         "(a) reference PIL": lambda path: reference(pil_loader(path)),
         "(b) ours, CPU path": lambda path: ours(pil_loader(path)),
-        "(b') ours, CPU path, torchvision decode": lambda path: ours(decode_image_file(path)),
-        "(c) ours, GPU path: CPU share (read+decode)": lambda path: decode_only[index[path]],
+        "(b') ours, CPU path, torchvision decode": lambda path: ours(decode_file(path)),
+        "(v) torchvision.transforms.v2, uint8 tensor": lambda path: stock(pil_to_uint8_chw(pil_loader(path))),
+        "(c) ours, GPU path: CPU share (read+decode)": lambda path: decode_for_gpu(pil_loader(path)),
     }
     # the decode-only path is ~10x faster: give it more images per round for a stable timing
     counts = {name: count * (8 if name.startswith("(c)") else 1) for name in pipelines}
@@ -191,11 +241,11 @@ def time_cpu_pipelines(paths: list[Path], local_crops: int, rounds: int, count: 
 def time_gpu_augmentation(paths: list[Path], local_crops: int, device: str, batch: int = 100) -> float:
     """Wall-clock images/s of GPUMultiCrop on decoded batches, the host-to-device copy of the padded uint8
     batch (from pinned memory, as a DataLoader with pin_memory=True hands it over) included."""
-    dataset = DecodeOnlyDataset(paths)
-    images, sizes, _ = collate_padded([dataset[i % len(dataset)] for i in range(batch)])
+    decoded = [DecodeForGPU()(pil_loader(path)) for path in paths]
+    images, sizes = pad_images([decoded[i % len(decoded)] for i in range(batch)])
     is_cuda = device.startswith("cuda")
     images = images.pin_memory() if is_cuda else images
-    multicrop = GPUMultiCrop(GLOBAL_SCALE, LOCAL_SCALE, local_crops, seed=0)
+    multicrop = GPUMultiCrop(GLOBAL_SCALE, LOCAL_SCALE, local_crops, generator=torch.Generator().manual_seed(0))
     sync = torch.cuda.synchronize if is_cuda else (lambda: None)
     for _ in range(3):
         multicrop(images.to(device, non_blocking=True), sizes)
@@ -227,11 +277,12 @@ def main() -> None:
         )
         results = time_cpu_pipelines(paths, args.local_crops, args.rounds, args.images)
         baseline = statistics.median(next(iter(results.values())))
-        print(f"{'pipeline':46s} {'img/s':>8s} {'ms/img':>8s} {'vs (a)':>7s}   rounds img/s")
+        stock = statistics.median(next(rates for name, rates in results.items() if name.startswith("(v)")))
+        print(f"{'pipeline':46s} {'img/s':>8s} {'ms/img':>8s} {'vs (a)':>7s} {'vs (v)':>7s}   rounds img/s")
         for name, rates in results.items():
             rate = statistics.median(rates)
             spread = " ".join(f"{r:.0f}" for r in rates)
-            print(f"{name:46s} {rate:8.1f} {1e3 / rate:8.2f} {rate / baseline:6.2f}x   {spread}")
+            print(f"{name:46s} {rate:8.1f} {1e3 / rate:8.2f} {rate / baseline:6.2f}x {rate / stock:6.2f}x   {spread}")
         if args.device is not None:
             rate = time_gpu_augmentation(paths, args.local_crops, args.device)
             print(f"GPUMultiCrop on {args.device}, batch 100, uint8 upload included, wall clock: {rate:.0f} img/s")

@@ -113,18 +113,22 @@ def _load_sample(
     return image, target
 
 
-def collate_skip_bad(samples: Sequence[tuple[Any, Any] | BadSample]) -> CollatedBatch:
-    """Collate ``(image, label)`` samples with ``default_collate`` after dropping :class:`BadSample`.
+def collate_skip_bad(
+    samples: Sequence[tuple[Any, Any] | BadSample],
+    collate: Callable[[list], tuple[Any, Any]] = default_collate,
+) -> CollatedBatch:
+    """Collate ``(image, label)`` samples with ``collate`` (``default_collate``) after dropping :class:`BadSample`.
 
     Runs inside the loader worker, so the number dropped travels with the batch as a 0-d int64
     tensor: ``sum(batch.num_skipped)`` over an epoch is the epoch's count of unreadable files for
-    this process, whatever ``num_workers`` is.
+    this process, whatever ``num_workers`` is. ``collate`` maps the good samples to ``(images, labels)``;
+    a batched augmentation passes its own (e.g. padding images of different sizes into one tensor).
     """
     good = [s for s in samples if not isinstance(s, BadSample)]
     num_skipped = torch.tensor(len(samples) - len(good), dtype=torch.int64)
     if not good:
         return CollatedBatch(None, None, num_skipped)
-    images, labels = default_collate(good)
+    images, labels = collate(good)
     return CollatedBatch(images, labels, num_skipped)
 
 

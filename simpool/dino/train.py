@@ -35,9 +35,8 @@ from simpool.data import (
     collate_skip_bad,
     seed_worker,
 )
-from simpool.dino.augment import DataAugmentationDINO
+from simpool.dino.augment import DataAugmentationDINO, DecodeForGPU, GPUMultiCrop, collate_padded_skip_bad
 from simpool.dino.config import ConfigError, args_to_yaml, parse_args, resolve_precision
-from simpool.dino.gpu_augment import DecodeForGPU, GPUMultiCrop, collate_padded_skip_bad
 from simpool.dino.head import DINOHead, MultiCropWrapper
 from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
