@@ -41,8 +41,8 @@ from simpool.dino.gpu_augment import DecodeForGPU, GPUMultiCrop, collate_padded_
 from simpool.dino.head import DINOHead, MultiCropWrapper
 from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
-from simpool.dino.schedules import cosine_scheduler, scaled_lr
-from simpool.dino.step import DINOStep, unwrap
+from simpool.dino.schedules import cosine_scheduler, scaled_lr, teacher_temp_schedule
+from simpool.dino.step import DINOStep, StepSchedule, unwrap
 from simpool.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from simpool.evaluation.features import eval_transform, evenly_spaced_subset, extract_features
 from simpool.evaluation.knn import knn_on_features
@@ -141,11 +141,9 @@ def build_dino_step(args: argparse.Namespace, dist_info: DistInfo, precision: st
     """Student, teacher, loss and optimizer wired into one ``DINOStep`` (shared with benchmarks/train_step.py)."""
     student, teacher, _ = build_student_teacher(args, dist_info.device)
     student, teacher = wrap_for_training(student, teacher, dist_info, compile_models)
-    loss_fn = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
-                       args.warmup_teacher_temp_epochs, args.epochs).to(dist_info.device)
+    loss_fn = DINOLoss(args.out_dim, args.local_crops_number + 2).to(dist_info.device)
     optimizer = build_optimizer(args.optimizer, get_params_groups(unwrap(student)))
-    return DINOStep(student, teacher, loss_fn, optimizer, precision=precision, clip_grad=args.clip_grad,
-                    freeze_last_layer=args.freeze_last_layer)
+    return DINOStep(student, teacher, loss_fn, optimizer, precision=precision, clip_grad=args.clip_grad)
 
 
 def set_seeds(seed: int) -> None:
@@ -234,7 +232,10 @@ class Trainer:
         )
         self.wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, self.niter_per_epoch)
         self.momentum_schedule = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, self.niter_per_epoch)
-        assert len(self.lr_schedule) == total
+        self.teacher_temp_schedule = teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
+                                                           args.warmup_teacher_temp_epochs, args.epochs,
+                                                           self.niter_per_epoch)
+        assert len(self.lr_schedule) == len(self.teacher_temp_schedule) == total
         self.iteration = 0
         self.last_good_checkpoint: str | None = None
         self.preempt = PreemptionFlag()
@@ -366,8 +367,7 @@ class Trainer:
                 crops = [c.to(self.device, non_blocking=True) for c in crops]
             if self.device.type == "cuda" and args.arch.startswith(("resnet", "convnext")):
                 crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-            it = self.iteration
-            stats = self.step(crops, epoch, self.lr_schedule[it], self.wd_schedule[it], self.momentum_schedule[it])
+            stats = self.step(crops, self.schedule_at(self.iteration, epoch))
             finite = stats.loss_is_finite
             sums += torch.stack(
                 [
@@ -408,6 +408,11 @@ class Trainer:
             "skipped_steps": int(steps * self.dist.world_size - sums[3].item()),
             "unreadable_images": int(total_skipped.item()),
         }
+
+    def schedule_at(self, it: int, epoch: int) -> StepSchedule:
+        return StepSchedule(lr=self.lr_schedule[it], weight_decay=self.wd_schedule[it],
+                            momentum=self.momentum_schedule[it], teacher_temp=self.teacher_temp_schedule[it],
+                            freeze_last_layer=epoch < self.args.freeze_last_layer)
 
     def reached_exit_iteration(self) -> bool:
         return 0 < self.args.exit_after_iterations <= self.iteration
