@@ -28,7 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.train_step import CASES, build_case, case_flags  # noqa: E402
+from benchmarks.train_step import CASES, SCHEDULE, build_case, case_flags  # noqa: E402
 
 # Operator-name patterns of the groups, tried in order; the first match wins.
 GROUPS = [
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(n: int) -> None:
         for _ in range(n):
-            stats = step(crops, epoch=0, lr=1e-4, weight_decay=0.04, momentum=0.996)
+            stats = step(crops, SCHEDULE)
             if not ours:
                 float(stats.loss)
         if cuda:

@@ -8,7 +8,7 @@ linked ``--copies`` times so an epoch is long enough to measure) and reads the t
   gpu  the default on CUDA: workers only read and decode (``DecodeForGPU``), the multi-crop runs batched on the
        device (``GPUMultiCrop``);
   cpu  ``--gpu_augment False``: workers run ``simpool.dino.augment.DataAugmentationDINO`` on PIL images, as the
-       reference does with its own pipeline (GUIDE.md §4 measured the reference end to end at 304 img/s on an
+       reference does with its own pipeline (the reference, measured end to end, ran at 304 img/s on an
        H200 host with 16 workers). Run without torch.compile: it is bound by the workers, and compiling would
        only add minutes of warm-up.
 

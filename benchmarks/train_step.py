@@ -4,7 +4,7 @@
 bf16 autocast, fused AdamW, foreach EMA and clipping, no host sync per step, torch.compile on CUDA.
 "reference settings" is the same model and step code with what the reference does instead: no fused attention,
 no compile, fp32 (or fp16 with a GradScaler), and a host sync (``loss.item()``) after every step.
-Crops are synthetic and already on the device, as in GUIDE.md §4 (2 x 224 + 6 x 96, out_dim 65536).
+Crops are synthetic and already on the device, at the paper's sizes (2 x 224 + 6 x 96, out_dim 65536).
 
     python benchmarks/train_step.py                      # CUDA: the four models of the GPU-speed issue
     python benchmarks/train_step.py --tiny               # CPU: tiny sizes, proves the script works
@@ -19,9 +19,13 @@ import time
 import torch
 
 from simpool.dino.config import parse_args
-from simpool.dino.step import DINOStep
+from simpool.dino.step import DINOStep, StepSchedule, unwrap
 from simpool.dino.train import build_dino_step
 from simpool.distributed import DistInfo
+from simpool.models import arch_family
+
+# Constant values for timing: the schedules' values do not change the cost of a step.
+SCHEDULE = StepSchedule(lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04)
 
 # name: (train_dino.py flags, batch)
 CASES = {
@@ -54,9 +58,10 @@ def case_flags(name: str, tiny: bool) -> tuple[list[str], int]:
         return flags, batch
     flags = [*flags, *TINY_FLAGS]
     convnet_crops = ["--global_crops_size", "64", "--local_crops_size", "32"]  # 5 stride-2 stages
-    if name.startswith("resnet"):
+    family = arch_family(flags[flags.index("--arch") + 1])
+    if family == "resnet":
         flags += ["--model_overrides", "layers=[1,1,1,1]", *convnet_crops]
-    if name.startswith("convnext"):
+    if family == "convnext":
         flags += ["--model_overrides", "depths=[1,1,1,1]", "dims=[16,32,64,128]", *convnet_crops]
     return flags, 4
 
@@ -65,14 +70,13 @@ def build_case(flags: list[str], batch: int, device: torch.device, ours: bool, p
                compile_models: bool) -> tuple[DINOStep, list[torch.Tensor]]:
     """The step train_dino.py builds for these flags (``ours=False``: unfused attention) and synthetic crops."""
     args = parse_args([*flags, "--data_path", "fashion-mnist", "--batch_size_per_gpu", str(batch),
-                       "--local_crops_number", str(local_crops), "--warmup_teacher_temp_epochs", "0",
-                       "--freeze_last_layer", "0"])
+                       "--local_crops_number", str(local_crops)])
     torch.manual_seed(0)
     step = build_dino_step(args, DistInfo(0, 1, 0, device), precision, compile_models=compile_models)
     if not ours:
         set_fused_attention(step.student, False)
         set_fused_attention(step.teacher, False)
-    channels_last = device.type == "cuda" and args.arch.startswith(("resnet", "convnext"))
+    channels_last = device.type == "cuda" and unwrap(step.student).backbone.is_convnet
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     crops = [torch.randn(batch, 3, args.global_crops_size, args.global_crops_size, device=device)
              for _ in range(2)]
@@ -88,7 +92,7 @@ def measure(flags: list[str], batch: int, device: torch.device, ours: bool, prec
     def run(n: int) -> torch.Tensor:
         loss = torch.zeros((), device=device)
         for _ in range(n):
-            stats = step(crops, epoch=0, lr=1e-4, weight_decay=0.04, momentum=0.996)
+            stats = step(crops, SCHEDULE)
             loss = stats.loss
             if not ours:
                 float(stats.loss)  # the reference reads the loss on the host every step

@@ -29,7 +29,7 @@ import submitit
 REPO = Path(__file__).resolve().parents[1]
 # submitit's preemption/timeout signal: USR2 unless the SUBMITIT_PREEMPT_SIGNAL variable says otherwise.
 PREEMPT_SIGNAL = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
-# One of the two signals simpool.dino.train's PreemptionFlag listens to (SIGTERM, SIGUSR1), not submitit's.
+# One of the two signals simpool.dino.checkpointing.PreemptionFlag listens to (SIGTERM, SIGUSR1), not submitit's.
 TRAINER_SIGNAL = signal.SIGTERM if PREEMPT_SIGNAL == signal.SIGUSR1 else signal.SIGUSR1
 
 

@@ -101,14 +101,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks, in place (a no-op alone)."""
-    if is_distributed():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor)

@@ -1,6 +1,8 @@
 """Run logging: console progress, ``log.txt`` JSON lines, and Weights & Biases.
 
-* Console: a tqdm bar when stdout is a terminal, plain lines otherwise (cluster logs stay readable).
+* Console: a tqdm bar when stdout is a terminal, plain lines otherwise (cluster logs stay readable). Every
+  console line goes through ``RunLogger.print``: above the bar while one is shown, else to the ``logging``
+  tree (``simpool.logs.setup_logging`` sends it to stdout on rank 0).
 * ``output_dir/log.txt``: one JSON object per epoch, with the SimPool fork's keys (``train_loss``,
   ``train_entropy``, ``train_KL_div``, ``train_lr``, ``train_wd``, ``epoch``, ``k-NN``) plus ours.
 * W&B when a project is given; ``WANDB_MODE=offline`` works without network.
@@ -11,12 +13,15 @@ Only rank 0 writes anything.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def format_seconds(seconds: float) -> str:
@@ -54,12 +59,13 @@ class RunLogger:
                                     resume="allow")
 
     def print(self, message: str) -> None:
+        """One console line (the single route for progress and messages of the run)."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.write(message)
+            self.bar.write(message)  # tqdm redraws its bar below the line
         else:
-            print(message, flush=True)
+            log.info(message)
 
     def start_epoch(self, epoch: int, epochs: int, total: int, initial: int = 0) -> None:
         if self.interactive:
@@ -80,7 +86,7 @@ class RunLogger:
             return
         text = "  ".join(f"{k} {_short(v)}" for k, v in values.items() if k != "eta_s")
         eta = format_seconds(values.get("eta_s", 0))
-        print(f"epoch {epoch} [{step_in_epoch}/{steps_in_epoch}]  {text}  eta {eta}", flush=True)
+        self.print(f"epoch {epoch} [{step_in_epoch}/{steps_in_epoch}]  {text}  eta {eta}")
 
     def end_epoch(self) -> None:
         if self.bar is not None:

@@ -51,9 +51,8 @@ def test_two_crops_match_a_hand_computation():
     q0, q1 = softmax(teacher[0], t_temp), softmax(teacher[1], t_temp)
     expected = (cross_entropy(q0, student[1]) + cross_entropy(q1, student[0])) / 2
 
-    loss_fn = DINOLoss(3, ncrops=2, warmup_teacher_temp=t_temp, teacher_temp=t_temp,
-                       warmup_teacher_temp_epochs=0, nepochs=1, student_temp=s_temp)
-    loss = loss_fn(torch.tensor(student), torch.tensor(teacher), epoch=0)
+    loss_fn = DINOLoss(3, ncrops=2, student_temp=s_temp)
+    loss = loss_fn(torch.tensor(student), torch.tensor(teacher), teacher_temp=t_temp).loss
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -63,10 +62,10 @@ def test_value_and_gradient_equal_the_pair_loop(ncrops):
     student, teacher = make_logits(ncrops, batch, dim, seed=ncrops)
     center = torch.randn(1, dim, generator=torch.Generator().manual_seed(9)) * 0.5
 
-    loss_fn = DINOLoss(dim, ncrops, t_temp, t_temp, 0, 10)
+    loss_fn = DINOLoss(dim, ncrops)
     loss_fn.center.copy_(center)
     s = student.clone().requires_grad_(True)
-    loss = loss_fn(s, teacher, epoch=3)
+    loss = loss_fn(s, teacher, t_temp).loss
     loss.backward()
 
     # Ground truth in float64.
@@ -95,23 +94,23 @@ def test_upstream_gradient_is_propagated():
 def test_inputs_are_not_modified():
     student, teacher = make_logits(4, 2, 16)
     s, t = student.clone().requires_grad_(True), teacher.clone()
-    loss_fn = DINOLoss(16, 4, 0.04, 0.04, 0, 1)
-    loss_fn(s, t, 0).backward()
+    loss_fn = DINOLoss(16, 4)
+    loss_fn(s, t, 0.04).loss.backward()
     assert torch.equal(s.detach(), student) and torch.equal(t, teacher)
 
 
 def test_center_is_the_ema_of_teacher_means_and_is_used_before_the_update():
     ncrops, batch, dim, t_temp = 4, 3, 32, 0.07
-    loss_fn = DINOLoss(dim, ncrops, t_temp, t_temp, 0, 5, center_momentum=0.8)
+    loss_fn = DINOLoss(dim, ncrops, center_momentum=0.8)
     assert loss_fn.center.shape == (1, dim) and torch.count_nonzero(loss_fn.center) == 0
 
     student1, teacher1 = make_logits(ncrops, batch, dim, seed=1)
     student2, teacher2 = make_logits(ncrops, batch, dim, seed=2)
-    loss_fn(student1, teacher1, 0)
+    loss_fn(student1, teacher1, t_temp)
     center1 = 0.2 * teacher1.mean(dim=0, keepdim=True)
     torch.testing.assert_close(loss_fn.center, center1)
 
-    loss2 = loss_fn(student2, teacher2, 0)
+    loss2 = loss_fn(student2, teacher2, t_temp).loss
     torch.testing.assert_close(loss2, naive_dino_loss(student2, teacher2, center1, ncrops, t_temp))
     torch.testing.assert_close(loss_fn.center, 0.8 * center1 + 0.2 * teacher2.mean(dim=0, keepdim=True))
 
@@ -122,45 +121,37 @@ def test_center_is_the_ema_of_teacher_means_and_is_used_before_the_update():
     torch.testing.assert_close(loss_fn.center, expected)
 
 
-def test_teacher_temperature_warms_up_linearly_then_stays():
-    loss_fn = DINOLoss(8, 2, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=4,
-                       nepochs=10)
-    temps = [loss_fn.teacher_temp(e) for e in range(10)]
-    assert temps[:4] == pytest.approx([0.04, 0.05, 0.06, 0.07])
-    assert temps[4:] == pytest.approx([0.07] * 6)
-    assert loss_fn.teacher_temp(25) == pytest.approx(0.07)  # past nepochs: final value, no IndexError
-
-    # The temperature used is that of the given epoch.
+def test_the_given_teacher_temperature_is_used():
     student, teacher = make_logits(2, 2, 8)
-    fresh = DINOLoss(8, 2, 0.04, 0.07, 4, 10)
-    torch.testing.assert_close(fresh(student, teacher, 1), naive_dino_loss(student, teacher, 0.0, 2, 0.05))
+    for t_temp in (0.05, 0.3):
+        torch.testing.assert_close(DINOLoss(8, 2)(student, teacher, t_temp).loss,
+                                   naive_dino_loss(student, teacher, 0.0, 2, t_temp))
 
 
 def test_logging_stats_are_entropy_and_kl():
     ncrops, batch, dim, t_temp = 5, 4, 64, 0.1
     student, teacher = make_logits(ncrops, batch, dim, seed=4)
-    loss_fn = DINOLoss(dim, ncrops, t_temp, t_temp, 0, 1)
-    loss = loss_fn(student, teacher, 0)
+    loss_fn = DINOLoss(dim, ncrops)
+    loss, teacher_entropy, kl = loss_fn(student, teacher, t_temp)
 
     q = F.softmax(teacher / t_temp, dim=-1)
     entropy = -(q * F.log_softmax(teacher / t_temp, dim=-1)).sum(-1).mean()
     s = (student / 0.1).chunk(ncrops)
     kls = [F.kl_div(F.log_softmax(s[v], -1), q_i, reduction="batchmean")
            for iq, q_i in enumerate(q.chunk(2)) for v in range(ncrops) if v != iq]
-    assert isinstance(loss_fn.last_teacher_entropy, torch.Tensor)
-    assert isinstance(loss_fn.last_kl, torch.Tensor)
-    torch.testing.assert_close(loss_fn.last_teacher_entropy, entropy)
-    torch.testing.assert_close(loss_fn.last_kl, torch.stack(kls).mean(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loss_fn.last_kl + loss_fn.last_teacher_entropy, loss.detach())
+    assert teacher_entropy.ndim == 0 and kl.ndim == 0 and not kl.requires_grad
+    torch.testing.assert_close(teacher_entropy, entropy)
+    torch.testing.assert_close(kl, torch.stack(kls).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kl + teacher_entropy, loss.detach())
 
 
 def test_low_precision_inputs_run_in_float32():
     ncrops, batch, dim = 4, 2, 128
     student, teacher = make_logits(ncrops, batch, dim, seed=5)
     s16 = student.bfloat16().requires_grad_(True)
-    loss_fn = DINOLoss(dim, ncrops, 0.04, 0.04, 0, 1)
+    loss_fn = DINOLoss(dim, ncrops)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = loss_fn(s16, teacher.bfloat16(), 0)
+        loss = loss_fn(s16, teacher.bfloat16(), 0.04).loss
     loss.backward()
     assert loss.dtype == torch.float32 and loss_fn.center.dtype == torch.float32
     assert s16.grad.dtype == torch.bfloat16
@@ -173,22 +164,24 @@ def test_low_precision_inputs_run_in_float32():
 
 
 def test_bad_shapes_and_arguments_raise():
-    loss_fn = DINOLoss(16, 4, 0.04, 0.04, 0, 1)
+    loss_fn = DINOLoss(16, 4)
     with pytest.raises(ValueError, match="student rows"):
-        loss_fn(torch.zeros(12, 16), torch.zeros(4, 16), 0)  # 3 crops' worth of rows for ncrops=4
+        loss_fn(torch.zeros(12, 16), torch.zeros(4, 16), 0.04)  # 3 crops' worth of rows for ncrops=4
     with pytest.raises(ValueError, match="teacher_output"):
-        loss_fn(torch.zeros(8, 16), torch.zeros(4, 15), 0)
+        loss_fn(torch.zeros(8, 16), torch.zeros(4, 15), 0.04)
+    with pytest.raises(ValueError, match="teacher_temp"):
+        loss_fn(torch.zeros(8, 16), torch.zeros(4, 16), 0.0)
     with pytest.raises(ValueError, match="ncrops"):
-        DINOLoss(16, 1, 0.04, 0.04, 0, 1)
-    with pytest.raises(ValueError, match="warmup_teacher_temp_epochs"):
-        DINOLoss(16, 2, 0.04, 0.07, 30, 10)
+        DINOLoss(16, 1)
+    with pytest.raises(ValueError, match="student_temp"):
+        DINOLoss(16, 2, student_temp=-0.1)
 
 
 def _distributed_center_worker(rank, world_size, init_file, result_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         teacher = torch.full((4, 3), float(rank + 1)) + torch.arange(3.0)
-        loss_fn = DINOLoss(3, 2, 0.1, 0.1, 0, 1, center_momentum=0.5)
+        loss_fn = DINOLoss(3, 2, center_momentum=0.5)
         loss_fn.update_center(teacher)
         if rank == 0:
             torch.save(loss_fn.center, result_file)

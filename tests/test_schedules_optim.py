@@ -15,12 +15,11 @@ from simpool.dino.head import DINOHead
 from simpool.dino.optim import (
     LARS,
     build_optimizer,
-    cancel_gradients_last_layer,
     clip_gradients,
     get_params_groups,
     set_schedule_values,
 )
-from simpool.dino.schedules import cosine_scheduler, scaled_lr
+from simpool.dino.schedules import cosine_scheduler, scaled_lr, teacher_temp_schedule
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/reference/vit_simpool_dino_checkpoint.pth"
 
@@ -49,6 +48,21 @@ def test_cosine_scheduler_without_warmup_and_teacher_momentum():
     assert np.all(np.diff(sched) > 0) and sched[-1] < 1.0
     with pytest.raises(ValueError, match="warmup_epochs"):
         cosine_scheduler(1.0, 0.0, 2, 10, warmup_epochs=3)
+
+
+def test_teacher_temperature_warms_up_linearly_by_epoch_then_stays():
+    sched = teacher_temp_schedule(0.04, 0.07, warmup_epochs=4, epochs=10, niter_per_ep=3)
+    assert sched.shape == (30,)
+    per_epoch = sched.reshape(10, 3)
+    assert np.all(per_epoch == per_epoch[:, :1])  # one value per epoch, repeated over its iterations
+    # The reference's np.linspace(warmup, final, warmup_epochs) per epoch, value for value.
+    assert per_epoch[:4, 0].tolist() == np.linspace(0.04, 0.07, 4).tolist()
+    assert per_epoch[4:, 0].tolist() == [0.07] * 6
+    assert teacher_temp_schedule(0.04, 0.07, 0, 2, 2).tolist() == [0.07] * 4
+    with pytest.raises(ValueError, match="warm-up"):
+        teacher_temp_schedule(0.04, 0.07, 30, 10, 1)
+    with pytest.raises(ValueError, match="positive"):
+        teacher_temp_schedule(0.0, 0.07, 2, 10, 1)
 
 
 def test_scaled_lr():
@@ -119,20 +133,26 @@ class TinyNet(nn.Module):
         self.head = DINOHead(4, 8, hidden_dim=8, bottleneck_dim=4)  # weight_g frozen
 
 
-def test_params_groups_split_decay_and_skip_frozen():
+def test_params_groups_split_decay_and_last_layer_and_skip_frozen():
     net = TinyNet()
-    decay, no_decay = get_params_groups(net)
-    assert no_decay["weight_decay"] == 0.0 and "weight_decay" not in decay
+    decay, no_decay, last_layer = get_params_groups(net)  # weight_g frozen: no last-layer no-decay group
+    assert [(g["wd_multiplier"], g["is_last_layer"]) for g in (decay, no_decay, last_layer)] == [
+        (1.0, False), (0.0, False), (1.0, True)]
     decay_ids, no_decay_ids = {id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]}
-    expected_decay = [net.conv.weight, net.pos_embed, net.head.mlp[0].weight, net.head.last_layer.weight_v]
+    expected_decay = [net.conv.weight, net.pos_embed, net.head.mlp[0].weight]
     expected_no_decay = [net.conv.bias, net.bn.weight, net.bn.bias, net.norm.weight, net.norm.bias, net.beta,
                          net.scalar, net.head.mlp[0].bias]
     assert {id(p) for p in expected_decay} <= decay_ids
     assert {id(p) for p in expected_no_decay} <= no_decay_ids
     assert not decay_ids & no_decay_ids
-    assert id(net.head.last_layer.weight_g) not in decay_ids | no_decay_ids
+    assert [id(p) for p in last_layer["params"]] == [id(net.head.last_layer.weight_v)]
     trainable = [p for p in net.parameters() if p.requires_grad]
-    assert len(decay_ids) + len(no_decay_ids) == len(trainable)
+    assert len(decay_ids) + len(no_decay_ids) + 1 == len(trainable)
+
+    net.head.last_layer.weight_g.requires_grad_(True)  # norm_last_layer=False: weight_g (out, 1) trains, decayed
+    groups = get_params_groups(net)
+    assert len(groups) == 3 and [id(p) for p in groups[-1]["params"]] == [
+        id(net.head.last_layer.weight_g), id(net.head.last_layer.weight_v)]
 
 
 def _module_from_state(state: dict[str, torch.Tensor]) -> nn.Module:
@@ -156,9 +176,9 @@ def test_params_groups_match_reference_optimizer_state():
     student = _module_from_state(ckpt["student"])
     groups = get_params_groups(student)
     ref_groups = ckpt["optimizer"]["param_groups"]
-    assert [len(g["params"]) for g in groups] == [len(g["params"]) for g in ref_groups]  # 17 / 25
-    optimizer = build_optimizer("adamw", groups)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    # The reference's (decay, no decay) groups are ours with the last-layer groups merged in.
+    decayed = sum(len(g["params"]) for g in groups if g["wd_multiplier"])
+    assert [decayed, sum(len(g["params"]) for g in groups) - decayed] == [len(g["params"]) for g in ref_groups]
 
 
 def test_build_optimizer_kinds_and_schedule_values():
@@ -166,20 +186,22 @@ def test_build_optimizer_kinds_and_schedule_values():
     for name, cls in (("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("LARS", LARS)):
         opt = build_optimizer(name, get_params_groups(net))
         assert isinstance(opt, cls)
-        assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
-        assert opt.param_groups[1]["weight_decay"] == 0.0
+        assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0, 0.0]
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0, 0.0]
         set_schedule_values(opt, np.float64(0.25), np.float64(0.04))
-        assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25]
-        assert [g["weight_decay"] for g in opt.param_groups] == [0.04, 0.0]
+        assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25, 0.25]
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.04, 0.0, 0.04]
         assert isinstance(opt.param_groups[0]["lr"], float)
+        set_schedule_values(opt, 0.25, 0.04, last_layer_lr=0.0)  # the freeze: last-layer group only
+        assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25, 0.0]
     assert build_optimizer("sgd", get_params_groups(net)).param_groups[0]["momentum"] == 0.9
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer("adam", get_params_groups(net))
 
 
-def test_sgd_step_after_schedule_applies_decay_only_to_group_zero():
+def test_sgd_step_after_schedule_applies_decay_only_to_decayed_groups():
     w, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2))
-    opt = build_optimizer("sgd", [{"params": [w]}, {"params": [b], "weight_decay": 0.0}])
+    opt = build_optimizer("sgd", [{"params": [w]}, {"params": [b], "wd_multiplier": 0.0}])
     set_schedule_values(opt, 0.1, 0.5)
     w.grad, b.grad = torch.zeros(2, 2), torch.zeros(2)
     opt.step()
@@ -233,13 +255,3 @@ def test_clip_gradients_mixed_dtypes_keep_parameter_order():
         assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
     with pytest.raises(ValueError, match="clip"):
         clip_gradients(holder, 0.0)
-
-
-def test_cancel_gradients_last_layer():
-    head = DINOHead(4, 8, hidden_dim=8, bottleneck_dim=4, norm_last_layer=False)
-    head(torch.randn(2, 4)).sum().backward()
-    cancel_gradients_last_layer(epoch=1, model=head, freeze_last_layer=1)   # epoch >= freeze: kept
-    assert head.last_layer.weight_v.grad is not None
-    cancel_gradients_last_layer(epoch=0, model=head, freeze_last_layer=1)
-    assert head.last_layer.weight_v.grad is None and head.last_layer.weight_g.grad is None
-    assert head.mlp[0].weight.grad is not None

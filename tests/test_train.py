@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -170,6 +171,33 @@ def test_config_file_and_explicit_flags(tmp_path):
     args = parse_args(["--config", str(config), "--epochs", "3"])
     assert args.arch == "convnext_small" and args.gamma is None and args.epochs == 3
     assert args.global_crops_scale == (0.14, 1.0) and args.use_fp16 is False
+    assert args.warmup_teacher_temp_epochs == 2 and args.backend == "nccl"
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("epochs: 7.5", "epochs: 7.5 is not a valid value"),          # int flag: like --epochs 7.5
+    ("mode: fancy", "expected one of ['official', 'simpool']"),  # choices are checked
+    ("use_bn_in_head: maybe", "expected True or False"),
+    ("color: red\nsize: 3", "unknown flags ['color', 'size']"),
+])
+def test_config_file_values_get_the_command_line_validation(tmp_path, line, message):
+    from simpool.dino.config import ConfigError, parse_args
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"data_path: fashion-mnist\n{line}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_args(["--config", str(config)])
+
+
+def test_config_file_values_are_converted_like_flags(tmp_path):
+    from simpool.dino.config import parse_args
+
+    config = tmp_path / "c.yaml"
+    config.write_text("data_path: fashion-mnist\nlr: 1e-3\nmin_lr: 0\nnb_knn: [5, 7]\ngamma: auto\n"
+                      "model_overrides: {depth: 2}\n")
+    args = parse_args(["--config", str(config), "--nb_knn", "3"])
+    assert args.lr == 1e-3 and isinstance(args.min_lr, float)  # PyYAML reads 1e-3 as a string; float() as a flag
+    assert args.nb_knn == [3] and args.gamma == "auto" and args.model_overrides == {"depth": 2}
 
 
 def _free_port() -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from simpool.flags import AUTO_GAMMA, bool_flag, float_or_none, key_value
-from simpool.models import is_known_arch
+from simpool.models import ARCHS, arch_family, is_known_arch
 
 
 class ConfigError(ValueError):
@@ -36,40 +36,47 @@ class _YamlLoader(yaml.SafeLoader):
 _YamlLoader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
+    """The parser of train_dino.py and its actions by dest (recorded as the flags are declared)."""
     p = argparse.ArgumentParser("DINO + SimPool pretraining", add_help=True)
-    p.add_argument("--config", type=str, default=None, help="YAML file of flags; explicit flags override it")
+    actions: dict[str, argparse.Action] = {}
+
+    def add(container, *names: str, **kwargs: Any) -> None:
+        action = container.add_argument(*names, **kwargs)
+        actions[action.dest] = action
+
+    add(p, "--config", type=str, default=None, help="YAML file of flags; explicit flags override it")
 
     g = p.add_argument_group("model")
-    g.add_argument(
-        "--arch",
+    add(
+        g, "--arch",
         default="resnet50",
         type=str,
         help="vit_tiny/small/base, resnet18/34/50/101, convnext_tiny/small/base, or any timm name",
     )
-    g.add_argument(
-        "--mode",
+    add(
+        g, "--mode",
         default="official",
         choices=["official", "simpool"],
         help="simpool: SimPool pooling; official: DINO's [CLS] token / average pooling",
     )
-    g.add_argument(
-        "--gamma",
+    add(
+        g, "--gamma",
         default=AUTO_GAMMA,
         type=float_or_none,
         help="SimPool exponent; 'None' for no gamma; default: 1.25 for ViTs, 2.0 for convnets",
     )
-    g.add_argument("--patch_size", default=16, type=int, help="ViT patch size")
-    g.add_argument("--out_dim", default=60000, type=int, help="DINO head output dimension")
-    g.add_argument("--norm_last_layer", default=True, type=bool_flag, help="weight-normalise the last head layer")
-    g.add_argument("--head_hidden_dim", default=2048, type=int, help="DINO head MLP width")
-    g.add_argument("--head_bottleneck_dim", default=256, type=int, help="DINO head bottleneck before prototypes")
-    g.add_argument("--head_nlayers", default=3, type=int, help="DINO head MLP layers")
-    g.add_argument("--momentum_teacher", default=0.996, type=float, help="base teacher EMA momentum (cosine to 1)")
-    g.add_argument("--use_bn_in_head", default=True, type=bool_flag, help="BatchNorm in the projection head")
-    g.add_argument("--drop_path_rate", default=0.1, type=float, help="stochastic depth rate")
-    g.add_argument(
-        "--model_overrides",
+    add(g, "--patch_size", default=16, type=int, help="ViT patch size")
+    add(g, "--out_dim", default=60000, type=int, help="DINO head output dimension")
+    add(g, "--norm_last_layer", default=True, type=bool_flag, help="weight-normalise the last head layer")
+    add(g, "--head_hidden_dim", default=2048, type=int, help="DINO head MLP width")
+    add(g, "--head_bottleneck_dim", default=256, type=int, help="DINO head bottleneck before prototypes")
+    add(g, "--head_nlayers", default=3, type=int, help="DINO head MLP layers")
+    add(g, "--momentum_teacher", default=0.996, type=float, help="base teacher EMA momentum (cosine to 1)")
+    add(g, "--use_bn_in_head", default=True, type=bool_flag, help="BatchNorm in the projection head")
+    add(g, "--drop_path_rate", default=0.1, type=float, help="stochastic depth rate")
+    add(
+        g, "--model_overrides",
         default={},
         type=key_value,
         nargs="*",
@@ -77,104 +84,112 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("temperatures")
-    g.add_argument("--warmup_teacher_temp", default=0.04, type=float, help="initial teacher temperature")
-    g.add_argument("--teacher_temp", default=0.07, type=float, help="teacher temperature after warm-up")
-    g.add_argument("--warmup_teacher_temp_epochs", default=50, type=int, help="teacher temperature warm-up epochs")
+    add(g, "--warmup_teacher_temp", default=0.04, type=float, help="initial teacher temperature")
+    add(g, "--teacher_temp", default=0.07, type=float, help="teacher temperature after warm-up")
+    add(g, "--warmup_teacher_temp_epochs", default=50, type=int, help="teacher temperature warm-up epochs")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--use_fp16", default=None, type=bool_flag, help="True: fp16 with a GradScaler; False: fp32")
-    g.add_argument(
-        "--precision",
+    add(g, "--use_fp16", default=None, type=bool_flag, help="True: fp16 with a GradScaler; False: fp32")
+    add(
+        g, "--precision",
         default=None,
         choices=["fp32", "fp16", "bf16"],
         help="numeric precision; default bf16 on CUDA, fp32 on CPU (overrides --use_fp16)",
     )
-    g.add_argument(
-        "--compile",
+    add(
+        g, "--compile",
         default=None,
         type=bool_flag,
         help="torch.compile student and teacher (default: on for CUDA, off on CPU)",
     )
-    g.add_argument("--weight_decay", default=1e-6, type=float, help="initial weight decay")
-    g.add_argument("--weight_decay_end", default=1e-6, type=float, help="final weight decay (cosine)")
-    g.add_argument("--clip_grad", default=0.0, type=float, help="per-parameter gradient norm clip; 0 disables")
-    g.add_argument("--batch_size_per_gpu", default=64, type=int, help="images per process")
-    g.add_argument("--epochs", default=100, type=int, help="training epochs")
-    g.add_argument("--freeze_last_layer", default=1, type=int, help="epochs with the head's last layer frozen")
-    g.add_argument("--lr", default=0.3, type=float, help="peak lr for a global batch of 256 (scaled linearly)")
-    g.add_argument("--warmup_epochs", default=10, type=int, help="linear lr warm-up epochs")
-    g.add_argument("--min_lr", default=0.0048, type=float, help="final lr (cosine)")
-    g.add_argument("--optimizer", default="lars", choices=["adamw", "sgd", "lars"], help="optimizer")
-    g.add_argument(
-        "--max_skipped_steps",
+    add(g, "--weight_decay", default=1e-6, type=float, help="initial weight decay")
+    add(g, "--weight_decay_end", default=1e-6, type=float, help="final weight decay (cosine)")
+    add(g, "--clip_grad", default=0.0, type=float, help="per-parameter gradient norm clip; 0 disables")
+    add(g, "--batch_size_per_gpu", default=64, type=int, help="images per process")
+    add(g, "--epochs", default=100, type=int, help="training epochs")
+    add(g, "--freeze_last_layer", default=1, type=int, help="epochs with the head's last layer frozen")
+    add(g, "--lr", default=0.3, type=float, help="peak lr for a global batch of 256 (scaled linearly)")
+    add(g, "--warmup_epochs", default=10, type=int, help="linear lr warm-up epochs")
+    add(g, "--min_lr", default=0.0048, type=float, help="final lr (cosine)")
+    add(g, "--optimizer", default="lars", choices=["adamw", "sgd", "lars"], help="optimizer")
+    add(
+        g, "--max_skipped_steps",
         default=10,
         type=int,
         help="stop after this many consecutive steps with a non-finite loss",
     )
 
     g = p.add_argument_group("multi-crop")
-    g.add_argument("--global_crops_scale", default=(0.14, 1.0), type=float, nargs="+", help="global crop scale")
-    g.add_argument("--local_crops_number", default=6, type=int, help="number of local crops")
-    g.add_argument("--local_crops_scale", default=(0.05, 0.14), type=float, nargs="+", help="local crop scale")
-    g.add_argument("--global_crops_size", default=224, type=int, help="global crop side in pixels")
-    g.add_argument("--local_crops_size", default=96, type=int, help="local crop side in pixels")
-    g.add_argument(
-        "--gpu_augment",
+    add(g, "--global_crops_scale", default=(0.14, 1.0), type=float, nargs="+", help="global crop scale")
+    add(g, "--local_crops_number", default=6, type=int, help="number of local crops")
+    add(g, "--local_crops_scale", default=(0.05, 0.14), type=float, nargs="+", help="local crop scale")
+    add(g, "--global_crops_size", default=224, type=int, help="global crop side in pixels")
+    add(g, "--local_crops_size", default=96, type=int, help="local crop side in pixels")
+    add(
+        g, "--gpu_augment",
         default=None,
         type=bool_flag,
         help="multi-crop augmentation on the GPU (default: on for CUDA); CPU workers only decode",
     )
 
     g = p.add_argument_group("data, output, evaluation")
-    g.add_argument(
-        "--data_path",
+    add(
+        g, "--data_path",
         default=None,
         type=str,
         help="dataset root holding train/ (and val/), an ImageFolder, a .txt file list, or fashion-mnist",
     )
-    g.add_argument("--subset", default=-1, type=int, help="keep the first N images per class (-1: all)")
-    g.add_argument("--output_dir", default=".", type=str, help="checkpoints, log.txt and args.yaml go here")
-    g.add_argument("--saveckp_freq", default=20, type=int, help="keep checkpointNNNN.pth every N epochs (0: never)")
-    g.add_argument("--save_every_steps", default=0, type=int, help="also save checkpoint.pth every N iterations")
-    g.add_argument("--exit_after_iterations", default=0, type=int,
+    add(g, "--subset", default=-1, type=int, help="keep the first N images per class (-1: all)")
+    add(g, "--output_dir", default=".", type=str, help="checkpoints, log.txt and args.yaml go here")
+    add(g, "--saveckp_freq", default=20, type=int, help="keep checkpointNNNN.pth every N epochs (0: never)")
+    add(g, "--save_every_steps", default=0, type=int, help="also save checkpoint.pth every N iterations")
+    add(g, "--exit_after_iterations", default=0, type=int,
                    help="save and exit (code 0) once this many iterations are done; relaunch to continue")
-    g.add_argument("--seed", default=0, type=int, help="random seed")
-    g.add_argument("--num_workers", default=10, type=int, help="data loading workers per process")
-    g.add_argument("--eval_every", default=5, type=int, help="online k-NN every N epochs (0: only at the end)")
-    g.add_argument("--nb_knn", default=[10, 20, 100, 200], type=int, nargs="+", help="k values for k-NN")
-    g.add_argument("--temperature", default=0.07, type=float, help="k-NN vote temperature")
-    g.add_argument(
-        "--knn_max_images", default=0, type=int, help="online k-NN on at most this many train/val images each (0: all)"
+    add(g, "--seed", default=0, type=int, help="random seed")
+    add(g, "--num_workers", default=10, type=int, help="data loading workers per process")
+    add(g, "--eval_every", default=5, type=int, help="online k-NN every N epochs (0: only at the end)")
+    add(g, "--nb_knn", default=[10, 20, 100, 200], type=int, nargs="+", help="k values for k-NN")
+    add(g, "--temperature", default=0.07, type=float, help="k-NN vote temperature")
+    add(
+        g, "--knn_max_images", default=0, type=int,
+        help="online k-NN on at most this many train/val images each (0: all)",
     )
-    g.add_argument(
-        "--knn_baselines",
+    add(
+        g, "--knn_baselines",
         default=False,
         type=bool_flag,
         help="before training, also k-NN the untrained network and raw pixels (for comparison)",
     )
-    g.add_argument("--log_every", default=10, type=int, help="console/log line every N iterations")
-    g.add_argument("--wandb_project", default=None, type=str, help="log to Weights & Biases under this project")
-    g.add_argument("--wandb_name", default=None, type=str, help="W&B run name")
+    add(g, "--log_every", default=10, type=int, help="console/log line every N iterations")
+    add(g, "--wandb_project", default=None, type=str, help="log to Weights & Biases under this project")
+    add(g, "--wandb_name", default=None, type=str, help="W&B run name")
 
     g = p.add_argument_group("distributed")
-    g.add_argument("--dist_url", default="env://", type=str, help="process-group init method (torchrun: env://)")
-    g.add_argument("--local_rank", default=0, type=int, help="set by the launcher; ignore")
-    g.add_argument("--backend", default=None, type=str, help="nccl or gloo (default: nccl on CUDA, gloo on CPU)")
-    return p
+    add(g, "--dist_url", default="env://", type=str, help="process-group init method (torchrun: env://)")
+    add(g, "--local_rank", default=0, type=int, help="set by the launcher; ignore")
+    add(g, "--backend", default=None, type=str, help="nccl or gloo (default: nccl on CUDA, gloo on CPU)")
+    return p, actions
 
 
-def _explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """Which flags were typed on the command line (so they beat the YAML file)."""
-    option_to_dest = {opt: a.dest for a in parser._actions for opt in a.option_strings}
-    dests = set()
-    for token in argv:
-        option = token.split("=", 1)[0]
-        if option in option_to_dest:
-            dests.add(option_to_dest[option])
-    return dests
+def _flag_value(action: argparse.Action, value: Any) -> Any:
+    """A YAML value checked and converted as the command line would: the flag's ``type`` and ``choices``.
+
+    Scalars go through ``type`` as their text (so ``epochs: 7.5`` fails like ``--epochs 7.5``), each item of a
+    list for ``nargs`` flags; ``null`` stays None. The one place where YAML values get the flags' validation.
+    """
+    if value is None:
+        return None
+    if isinstance(value, list | tuple) and action.nargs in ("+", "*"):
+        return [_flag_value(action, item) for item in value]
+    if action.type is not None:
+        value = action.type(str(value) if isinstance(value, bool | int | float) else value)
+    if action.choices is not None and value not in action.choices:
+        raise argparse.ArgumentTypeError(f"expected one of {list(action.choices)}, got {value!r}")
+    return value
 
 
-def load_yaml_flags(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+def load_yaml_flags(path: str | Path, actions: dict[str, argparse.Action]) -> dict[str, Any]:
+    """The flags of a YAML file by dest, converted and validated through their actions (``--config``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: {str(path)!r} does not exist")
@@ -182,29 +197,34 @@ def load_yaml_flags(path: str | Path, parser: argparse.ArgumentParser) -> dict[s
         values = yaml.load(f, Loader=_YamlLoader) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise ConfigError(f"--config: {path} has unknown flags {unknown}")
-    return values
+    converted = {}
+    for key, value in values.items():
+        if key == "config":  # a saved args.yaml names the file it came from; it is not read again
+            continue
+        try:
+            converted[key] = _flag_value(actions[key], value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+            raise ConfigError(f"--config: {path}: {key}: {value!r} is not a valid value ({err})") from None
+    return converted
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (after an optional ``--config``), then validate."""
+    """Parse the command line over the values of an optional ``--config`` file, then validate.
+
+    timm's pattern: a first parse reads only ``--config``; the file's values become the parser's defaults
+    (``set_defaults``), so the full parse lets every flag typed on the command line win.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = get_args_parser()
+    parser, actions = build_parser()
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config", type=str, default=None)
+    config, _ = config_parser.parse_known_args(argv)
+    if config.config:
+        parser.set_defaults(**load_yaml_flags(config.config, actions))
     args = parser.parse_args(argv)
-    if args.config:
-        file_values = load_yaml_flags(args.config, parser)
-        explicit = _explicit_dests(parser, argv)
-        types = {a.dest: a.type for a in parser._actions}
-        for key, value in file_values.items():
-            if key in explicit or key == "config":
-                continue
-            convert = types.get(key)
-            if convert in (bool_flag, float_or_none) and value is not None:
-                value = convert(value)
-            setattr(args, key, value)
     if isinstance(args.model_overrides, list):  # nargs="*" gives a list of one-key dicts
         args.model_overrides = {k: v for item in args.model_overrides for k, v in item.items()}
     validate_args(args)
@@ -231,8 +251,6 @@ def _check_scale(name: str, scale: Any) -> tuple[float, float]:
 def validate_args(args: argparse.Namespace) -> None:
     """Stop on values that cannot work, naming the flag; fill derived values (scales as tuples)."""
     if not is_known_arch(args.arch):
-        from simpool.models import ARCHS
-
         raise ConfigError(f"--arch {args.arch!r} is unknown: use one of {', '.join(ARCHS)} or a timm model name")
     positive = ["epochs", "batch_size_per_gpu", "out_dim", "patch_size", "global_crops_size", "local_crops_size",
                 "head_hidden_dim", "head_bottleneck_dim", "head_nlayers", "log_every"]
@@ -267,7 +285,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--nb_knn values must be positive, got {args.nb_knn}")
     if not args.data_path:
         raise ConfigError("--data_path is required (an ImageFolder, a dataset root with train/, or fashion-mnist)")
-    if args.arch.startswith("vit") and args.global_crops_size % args.patch_size:
+    if arch_family(args.arch) == "vit" and args.global_crops_size % args.patch_size:
         raise ConfigError(f"--global_crops_size {args.global_crops_size} is not a multiple of --patch_size")
 
 

@@ -32,9 +32,10 @@ class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight normalisation along the output dimension.
 
     ``weight = weight_g * weight_v / ||weight_v||`` with the norm taken over each output row, exactly
-    what ``torch.nn.utils.weight_norm(nn.Linear(in, out, bias=False))`` computes. Written out here
-    (instead of the deprecated hook-based helper) to keep the reference parameter names
-    ``weight_g`` (out, 1) and ``weight_v`` (out, in) without deprecation warnings or forward hooks.
+    what ``torch.nn.utils.weight_norm(nn.Linear(in, out, bias=False))`` computes. Written out here because
+    that helper is deprecated (hooks) and its replacement, ``torch.nn.utils.parametrizations.weight_norm``,
+    renames the parameters ``parametrizations.weight.original0/1``; the reference names ``weight_g`` (out, 1)
+    and ``weight_v`` (out, in) must stay for its checkpoints to load.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:

@@ -3,14 +3,13 @@
 For a batch of B images, the student sees V crops (2 global first, then V - 2 local) and the
 teacher sees the 2 global crops. With student logits s_v (crop v) and teacher logits t_i (global crop i):
 
-    q_i = softmax((t_i - c) / tau_t(epoch))                      teacher, centred and sharpened
+    q_i = softmax((t_i - c) / tau_t)                             teacher, centred and sharpened
     log p_v = log_softmax(s_v / tau_s)                           student
     L = 1 / (B * P) * sum_b sum_{i in {0,1}} sum_{v != i} -q_i[b] . log p_v[b]
 
-with P = 2 (V - 1) (teacher view, student view) pairs. tau_t rises linearly from
-``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_epochs`` epochs (numpy
-``linspace`` with that many points, as the reference) and then stays constant. After each forward
-the centre follows an EMA of the teacher's batch mean, averaged over ranks:
+with P = 2 (V - 1) (teacher view, student view) pairs. tau_t is passed in per step: its warm-up
+schedule sits with the other schedules (``simpool.dino.schedules.teacher_temp_schedule``). After each
+forward the centre follows an EMA of the teacher's batch mean, averaged over ranks:
 
     c <- m c + (1 - m) mean_b t[b]
 
@@ -25,22 +24,25 @@ and is recomputed in backward from the logits, so no (V B, K) float32 log-probab
 between forward and backward, and the work is done crop by crop so temporaries are (B, K). All of
 it runs in float32 whatever the autocast state or the input dtype.
 
+The forward also returns the mean teacher entropy H(q_i) and the mean KL(q_i || p_v) = L - H over the
+pairs, for logging (0-dim tensors: reading them as floats is left to the caller's logging interval).
+
 Example:
-    >>> loss_fn = DINOLoss(65536, ncrops=8, warmup_teacher_temp=0.04, teacher_temp=0.04,
-    ...                    warmup_teacher_temp_epochs=0, nepochs=100)
-    >>> loss = loss_fn(student_logits, teacher_logits, epoch)   # (8B, K), (2B, K) -> scalar
-    >>> loss.backward()
-    >>> loss_fn.last_teacher_entropy, loss_fn.last_kl            # 0-dim tensors, no host sync
+    >>> loss_fn = DINOLoss(65536, ncrops=8)
+    >>> out = loss_fn(student_logits, teacher_logits, teacher_temp=0.04)   # (8B, K), (2B, K)
+    >>> out.loss.backward()
+    >>> out.teacher_entropy, out.kl                                         # 0-dim tensors, no host sync
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DINOLoss", "dino_cross_entropy"]
+__all__ = ["DINOLoss", "DINOLossOutput", "dino_cross_entropy"]
 
 _NUM_GLOBAL = 2  # the teacher sees the two global crops
 
@@ -109,75 +111,45 @@ def dino_cross_entropy(
         return _DinoCrossEntropy.apply(student_logits, teacher_probs.detach().float(), ncrops, student_temp)
 
 
+class DINOLossOutput(NamedTuple):
+    """What ``DINOLoss`` returns: the loss and its two logging terms (all 0-dim float32 tensors)."""
+
+    loss: torch.Tensor
+    teacher_entropy: torch.Tensor  # mean entropy of the teacher distributions q_i
+    kl: torch.Tensor  # loss - teacher_entropy = mean KL(q_i || p_v) over the pairs (detached)
+
+
 class DINOLoss(nn.Module):
     """DINO loss module: teacher centring/sharpening, cross-entropy, centre EMA (see module docstring).
 
     Args:
         out_dim: number of prototypes K.
         ncrops: student crops per image V (2 global + local crops).
-        warmup_teacher_temp: teacher temperature at epoch 0.
-        teacher_temp: teacher temperature after the warm-up.
-        warmup_teacher_temp_epochs: length of the linear warm-up in epochs.
-        nepochs: total training epochs.
         student_temp: tau_s.
         center_momentum: EMA momentum m of the centre.
 
-    After every ``forward`` the 0-dim tensors ``last_teacher_entropy`` (mean entropy of the teacher
-    distributions) and ``last_kl`` (loss minus that entropy = mean KL(q_i || p_v) over the pairs) are
-    available for logging; reading them as Python floats is left to the caller's logging interval.
+    ``forward(student_output, teacher_output, teacher_temp)`` returns a ``DINOLossOutput``.
     """
 
     center: torch.Tensor
 
-    def __init__(
-        self,
-        out_dim: int,
-        ncrops: int,
-        warmup_teacher_temp: float,
-        teacher_temp: float,
-        warmup_teacher_temp_epochs: int,
-        nepochs: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-    ) -> None:
+    def __init__(self, out_dim: int, ncrops: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__()
         if ncrops < _NUM_GLOBAL:
             raise ValueError(f"DINOLoss: ncrops counts the 2 global crops plus the local ones, got {ncrops}")
-        if not 0 <= warmup_teacher_temp_epochs <= nepochs:
-            raise ValueError(
-                f"DINOLoss: warmup_teacher_temp_epochs ({warmup_teacher_temp_epochs}) must lie in "
-                f"[0, nepochs={nepochs}]; shorten the teacher-temperature warm-up"
-            )
-        if min(warmup_teacher_temp, teacher_temp, student_temp) <= 0:
-            raise ValueError("DINOLoss: temperatures must be positive")
+        if student_temp <= 0:
+            raise ValueError(f"DINOLoss: temperatures must be positive, got student_temp={student_temp}")
         self.out_dim = out_dim
         self.ncrops = ncrops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = np.concatenate(
-            (
-                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-                np.full(nepochs - warmup_teacher_temp_epochs, teacher_temp),
-            )
-        )
-        self.last_teacher_entropy: torch.Tensor | None = None
-        self.last_kl: torch.Tensor | None = None
 
-    def teacher_temp(self, epoch: int) -> float:
-        """tau_t at ``epoch`` (epochs past ``nepochs`` keep the final value instead of failing)."""
-        if epoch < 0:
-            raise ValueError(f"DINOLoss: epoch must be >= 0, got {epoch}")
-        return float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
-
-    def teacher_probs(self, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        """softmax((t - c) / tau_t(epoch)) in float32, without gradient."""
-        with torch.no_grad():
-            return self._centred_teacher_logits(teacher_output, epoch).softmax(dim=-1)
-
-    def _centred_teacher_logits(self, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+    def _centred_teacher_logits(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        if teacher_temp <= 0:
+            raise ValueError(f"DINOLoss: temperatures must be positive, got teacher_temp={teacher_temp}")
         # Subtracting the float32 centre promotes to float32 without a separate cast copy.
-        return (teacher_output.detach() - self.center).div_(self.teacher_temp(epoch))
+        return (teacher_output.detach() - self.center).div_(float(teacher_temp))
 
     def _check_shapes(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> None:
         if student_output.ndim != 2 or student_output.shape[1] != self.out_dim:
@@ -196,21 +168,22 @@ class DINOLoss(nn.Module):
                 "crops and the student all crops, crop-major"
             )
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Loss for student logits (ncrops * B, K) and teacher logits (2 * B, K); updates the centre."""
+    def forward(
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float
+    ) -> DINOLossOutput:
+        """Loss for student logits (ncrops * B, K) and teacher logits (2 * B, K) at tau_t; updates the centre."""
         self._check_shapes(student_output, teacher_output)
         with torch.no_grad(), torch.autocast(device_type=teacher_output.device.type, enabled=False):
-            teacher_logits = self._centred_teacher_logits(teacher_output, epoch)
+            teacher_logits = self._centred_teacher_logits(teacher_output, teacher_temp)
             teacher_probs = teacher_logits.softmax(dim=-1)
             # H(q) = lse(y) - q . y. Each teacher view is paired with V - 1 student views, so the
             # pair-mean of H(q_i) is the plain row mean. mul_ reuses the logits buffer.
             log_norm = torch.logsumexp(teacher_logits, dim=-1)
-            self.last_teacher_entropy = (log_norm - teacher_logits.mul_(teacher_probs).sum(dim=-1)).mean()
+            teacher_entropy = (log_norm - teacher_logits.mul_(teacher_probs).sum(dim=-1)).mean()
             del teacher_logits
         loss = dino_cross_entropy(student_output, teacher_probs, self.ncrops, self.student_temp)
-        self.last_kl = loss.detach() - self.last_teacher_entropy
         self.update_center(teacher_output)
-        return loss
+        return DINOLossOutput(loss, teacher_entropy, loss.detach() - teacher_entropy)
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:

@@ -1,19 +1,18 @@
 """Optimisers and gradient helpers of the DINO recipe.
 
 - ``get_params_groups``: weight decay only on weights with >= 2 dims (no decay on biases, norm
-  weights, SimPool's beta, ...), the reference's two-group layout.
+  weights, SimPool's beta, ...), and the head's prototype layer (``last_layer``) in groups of its own
+  marked ``is_last_layer`` (dinov2's layout), so the step can freeze it without a name search.
 - ``build_optimizer``: AdamW (ViT, ConvNeXt), SGD with momentum, or ``LARS`` (ResNet); lr and weight
-  decay start at 0 and are set every iteration by ``set_schedule_values`` from the cosine schedules.
+  decay start at 0 and are set every iteration by ``set_schedule_values`` from the schedules.
 - ``clip_gradients``: the reference clips every parameter's gradient *separately* to norm ``clip``
   (not the global norm), here with foreach kernels and without reading the norms on the host.
-- ``cancel_gradients_last_layer``: drops the prototype-layer gradients for the first epochs.
 
 Example (one training iteration ``it``):
     >>> optimizer = build_optimizer("adamw", get_params_groups(student))
-    >>> set_schedule_values(optimizer, lr_schedule[it], wd_schedule[it])
+    >>> set_schedule_values(optimizer, lr_schedule[it], wd_schedule[it], last_layer_lr=0.0)
     >>> loss.backward()
     >>> norms = clip_gradients(student, 3.0)                      # tensor, one norm per parameter
-    >>> cancel_gradients_last_layer(epoch, student, freeze_last_layer=1)
     >>> optimizer.step()
 """
 
@@ -29,7 +28,6 @@ from torch import nn
 __all__ = [
     "LARS",
     "build_optimizer",
-    "cancel_gradients_last_layer",
     "clip_gradients",
     "get_params_groups",
     "set_schedule_values",
@@ -43,6 +41,8 @@ _AUTO_FUSED_DEVICE_TYPES = ("cuda",)
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (LARS), as in DINO's ``utils.LARS``.
+
+    Written here because torch.optim has no LARS.
 
     For each parameter p with gradient g (a step with learning rate lr, weight decay wd):
 
@@ -134,21 +134,34 @@ class LARS(torch.optim.Optimizer):
 
 
 def get_params_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """[{'params': decayed}, {'params': not_decayed, 'weight_decay': 0.0}] over trainable parameters.
+    """The trainable parameters in up to four groups: (decay, no decay) x (body, last layer).
 
-    Biases and every parameter with at most one dimension (norm weights, SimPool ``beta``) are not
-    decayed; frozen parameters (``requires_grad=False``, e.g. a fixed ``last_layer.weight_g``) are left
-    out. Group 0 is the one whose weight decay the schedule drives.
+    Each group carries ``wd_multiplier`` (1.0: weight decay follows the schedule; 0.0: never decayed) and
+    ``is_last_layer`` (the head's prototype layer, any parameter under a ``last_layer`` module, which the
+    step freezes during the first epochs). Biases and every parameter with at most one dimension (norm
+    weights, SimPool ``beta``) are not decayed; the prototypes' ``weight_g`` (K, 1) is, as in the
+    reference. Frozen parameters (``requires_grad=False``, e.g. ``weight_g`` with ``norm_last_layer``)
+    are left out, and so are empty groups.
+    Within a group the parameters keep ``named_parameters`` order.
+
+    Example:
+        >>> [(g["wd_multiplier"], g["is_last_layer"], len(g["params"])) for g in get_params_groups(student)]
+        [(1.0, False, 15), (0.0, False, 25), (1.0, True, 2)]     # ViT-S SimPool, norm_last_layer False
     """
-    regularized, not_regularized = [], []
+    # (is_last_layer, decayed) -> parameters; the dict order is the group order.
+    groups: dict[tuple[bool, bool], list[torch.Tensor]] = {(False, True): [], (False, False): [],
+                                                           (True, True): [], (True, False): []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.endswith(".bias") or param.ndim <= 1:
-            not_regularized.append(param)
-        else:
-            regularized.append(param)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+        decayed = not (name.endswith(".bias") or param.ndim <= 1)
+        is_last_layer = "last_layer" in name.split(".")
+        groups[(is_last_layer, decayed)].append(param)
+    return [
+        {"params": params, "weight_decay": 0.0, "wd_multiplier": float(decayed), "is_last_layer": is_last_layer}
+        for (is_last_layer, decayed), params in groups.items()
+        if params
+    ]
 
 
 def _use_fused(param_groups: list[dict[str, Any]]) -> bool:
@@ -186,24 +199,15 @@ def build_optimizer(
     raise ValueError(f"build_optimizer: unknown optimizer {name!r}; choose 'adamw', 'sgd' or 'lars'")
 
 
-def set_schedule_values(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
-    """Set ``lr`` on every group and ``wd`` on group 0 only (group 1 is the no-decay group)."""
-    for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = float(lr)
-        if i == 0:
-            group["weight_decay"] = float(wd)
-
-
-def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
-    """Drop (set to None) the gradients of every ``last_layer`` parameter while ``epoch < freeze_last_layer``.
-
-    Keeping the prototypes fixed during the first epoch(s) stabilises DINO's early training.
-    """
-    if epoch >= freeze_last_layer:
-        return
-    for name, param in model.named_parameters():
-        if "last_layer" in name:
-            param.grad = None
+def set_schedule_values(
+    optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float | None = None
+) -> None:
+    """Set this iteration's values: lr on every group (``last_layer_lr`` on ``is_last_layer`` groups when
+    given) and weight decay ``wd * wd_multiplier`` (groups without the key count as decayed)."""
+    for group in optimizer.param_groups:
+        own_lr = last_layer_lr is not None and group.get("is_last_layer", False)
+        group["lr"] = float(last_layer_lr if own_lr else lr)
+        group["weight_decay"] = float(wd) * group.get("wd_multiplier", 1.0)
 
 
 @torch.no_grad()
@@ -211,8 +215,9 @@ def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
     """Clip each parameter's gradient separately to L2 norm ``clip``; return the norms before clipping.
 
     For every parameter with a gradient, g <- g * min(1, clip / (||g|| + 1e-6)), exactly the
-    reference's per-parameter rule. Returns a 1-D float32 tensor with one norm per parameter that has a
-    gradient (``named_parameters`` order) on the gradients' device; nothing is copied to the host.
+    reference's per-parameter rule (torch.nn.utils.clip_grad_norm_ clips the global norm instead).
+    Returns a 1-D float32 tensor with one norm per parameter that has a gradient (``named_parameters``
+    order) on the gradients' device; nothing is copied to the host.
     """
     if clip <= 0:
         raise ValueError(f"clip_gradients: clip must be > 0, got {clip}; skip the call to disable clipping")

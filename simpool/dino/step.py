@@ -1,9 +1,10 @@
 """One DINO training iteration -- the whole algorithm on one screen.
 
+    lr, wd, m, tau_t, frozen = this iteration's StepSchedule   (schedules.py; built per iteration by train.py)
     teacher_out = teacher(global crops)                  no gradient; EMA of the student
     student_out = student(all crops)
-    loss = DINOLoss(student_out, teacher_out, epoch)      centring + sharpening, cross-entropy, centre EMA
-    loss.backward(); clip; freeze last layer; optimizer.step()
+    loss, H, KL = DINOLoss(student_out, teacher_out, tau_t)   centring + sharpening, cross-entropy, centre EMA
+    loss.backward(); clip each gradient; if frozen: last-layer gradients <- None; optimizer.step()
     teacher <- m * teacher + (1 - m) * student            momentum m follows a cosine schedule to 1
 
 What differs from the reference, and why:
@@ -25,9 +26,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from simpool.dino.optim import cancel_gradients_last_layer, clip_gradients, set_schedule_values
+from simpool.dino.optim import clip_gradients, set_schedule_values
 
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """One iteration's values of the schedules (``train.py`` indexes its per-iteration arrays).
+
+    ``freeze_last_layer`` True (the first ``--freeze_last_layer`` epochs) keeps the head's prototype
+    layer (the ``is_last_layer`` parameter groups) fixed: its lr is 0 and its gradients are dropped.
+    """
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+    freeze_last_layer: bool = False
 
 
 @dataclass
@@ -56,11 +72,11 @@ class DINOStep:
         optimizer: over the student's parameter groups.
         precision: "fp32", "fp16" (autocast + dynamic loss scaling) or "bf16" (autocast).
         clip_grad: per-parameter gradient-norm clip; 0 disables.
-        freeze_last_layer: epochs during which the head's last layer gets no update.
 
     Example:
-        >>> step = DINOStep(student, teacher, DINOLoss(...), optimizer, precision="bf16", clip_grad=3.0)
-        >>> stats = step(crops, epoch=0, lr=5e-4, weight_decay=0.04, momentum=0.996)
+        >>> step = DINOStep(student, teacher, DINOLoss(K, ncrops), optimizer, precision="bf16", clip_grad=3.0)
+        >>> stats = step(crops, StepSchedule(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04,
+        ...                                  freeze_last_layer=True))
         >>> float(stats.loss)   # reading it synchronises; do it every N steps
     """
 
@@ -72,57 +88,54 @@ class DINOStep:
         optimizer: torch.optim.Optimizer,
         precision: str = "fp32",
         clip_grad: float = 0.0,
-        freeze_last_layer: int = 0,
     ) -> None:
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {precision!r}")
         self.student, self.teacher = student, teacher
         self.loss_fn, self.optimizer = loss_fn, optimizer
-        self.precision, self.clip_grad, self.freeze_last_layer = precision, clip_grad, freeze_last_layer
+        self.precision, self.clip_grad = precision, clip_grad
         self.device = next(unwrap(student).parameters()).device
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         # In fp32/bf16 the scale stays 1 (reset after every step): the scaler is only the on-device
-        # "skip steps with non-finite gradients" switch. In fp16 it is the usual dynamic loss scaling.
+        # "skip steps with non-finite gradients" switch (torch has no other on-device one that fused
+        # optimizers honour). In fp16 it is the usual dynamic loss scaling.
         self.fixed_scale = None if precision == "fp16" else 1.0
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.fixed_scale or 2.0**16)
         self.student_params = [p for p in unwrap(student).parameters()]
         self.teacher_params = [p for p in unwrap(teacher).parameters()]
         if len(self.student_params) != len(self.teacher_params):
             raise ValueError("student and teacher must have the same parameters")
+        # Found once from the group flag (get_params_groups), not by a name search every step.
+        self.last_layer_params = [p for g in optimizer.param_groups if g.get("is_last_layer") for p in g["params"]]
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def __call__(
-        self,
-        crops: list[torch.Tensor],
-        epoch: int,
-        lr: float,
-        weight_decay: float,
-        momentum: float,
-    ) -> StepStats:
-        set_schedule_values(self.optimizer, lr, weight_decay)
+    def __call__(self, crops: list[torch.Tensor], schedule: StepSchedule) -> StepStats:
+        frozen = schedule.freeze_last_layer
+        set_schedule_values(self.optimizer, schedule.lr, schedule.weight_decay, last_layer_lr=0.0 if frozen else None)
         with self.autocast():
             with torch.no_grad():
                 teacher_out = self.teacher(crops[:2])  # only the 2 global views pass through the teacher
             student_out = self.student(crops)
-        loss = self.loss_fn(student_out, teacher_out, epoch)  # float32 inside, whatever the autocast
+        out = self.loss_fn(student_out, teacher_out, schedule.teacher_temp)  # float32 inside, whatever the autocast
 
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(out.loss).backward()
         self.scaler.unscale_(self.optimizer)  # flags non-finite gradients on the device
         if self.clip_grad:
             clip_gradients(unwrap(self.student), self.clip_grad)
-        cancel_gradients_last_layer(epoch, unwrap(self.student), self.freeze_last_layer)
+        if frozen:
+            # lr 0 alone is not a freeze: AdamW / SGD momentum / LARS would still accumulate these gradients
+            # in their state. Dropping them (as the reference does) leaves that state untouched until the
+            # unfreeze, so optimizer state and weights equal the reference's.
+            for p in self.last_layer_params:
+                p.grad = None
         self.scaler.step(self.optimizer)  # skipped if any gradient is inf/NaN
         self.scaler.update(self.fixed_scale)
-        self.update_teacher(momentum)
-        return StepStats(
-            loss=loss.detach(),
-            teacher_entropy=self.loss_fn.last_teacher_entropy,
-            kl=self.loss_fn.last_kl,
-            loss_is_finite=torch.isfinite(loss.detach()),
-        )
+        self.update_teacher(schedule.momentum)
+        loss = out.loss.detach()
+        return StepStats(loss=loss, teacher_entropy=out.teacher_entropy, kl=out.kl, loss_is_finite=torch.isfinite(loss))
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -13,16 +13,15 @@ The iteration itself lives in ``simpool.dino.step.DINOStep``; this module feeds 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import random
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -36,18 +35,21 @@ from simpool.data import (
     seed_worker,
 )
 from simpool.dino.augment import DataAugmentationDINO, DecodeForGPU, GPUMultiCrop, collate_padded_skip_bad
+from simpool.dino.checkpointing import PreemptionFlag, rng_state, set_rng_state, set_seeds
 from simpool.dino.config import ConfigError, args_to_yaml, parse_args, resolve_precision
 from simpool.dino.head import DINOHead, MultiCropWrapper
 from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
-from simpool.dino.schedules import cosine_scheduler, scaled_lr
-from simpool.dino.step import DINOStep, unwrap
+from simpool.dino.schedules import cosine_scheduler, scaled_lr, teacher_temp_schedule
+from simpool.dino.step import DINOStep, StepSchedule, unwrap
 from simpool.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from simpool.evaluation.features import eval_transform, evenly_spaced_subset, extract_features
 from simpool.evaluation.knn import knn_on_features
 from simpool.logs import setup_logging
 from simpool.models import build_backbone
 from simpool.run_log import RunLogger, Throughput, format_seconds, peak_memory_gib
+
+log = logging.getLogger(__name__)
 
 
 class TrainingStopped(RuntimeError):
@@ -77,7 +79,7 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device) -> tup
     student = MultiCropWrapper(student_backbone, student_head)
     teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, args.out_dim, **head_kwargs))
     student, teacher = student.to(device), teacher.to(device)
-    if device.type == "cuda" and args.arch.startswith(("resnet", "convnext")):
+    if device.type == "cuda" and student_backbone.is_convnet:
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
     teacher.load_state_dict(student.state_dict())
@@ -140,51 +142,9 @@ def build_dino_step(args: argparse.Namespace, dist_info: DistInfo, precision: st
     """Student, teacher, loss and optimizer wired into one ``DINOStep`` (shared with benchmarks/train_step.py)."""
     student, teacher, _ = build_student_teacher(args, dist_info.device)
     student, teacher = wrap_for_training(student, teacher, dist_info, compile_models)
-    loss_fn = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
-                       args.warmup_teacher_temp_epochs, args.epochs).to(dist_info.device)
+    loss_fn = DINOLoss(args.out_dim, args.local_crops_number + 2).to(dist_info.device)
     optimizer = build_optimizer(args.optimizer, get_params_groups(unwrap(student)))
-    return DINOStep(student, teacher, loss_fn, optimizer, precision=precision, clip_grad=args.clip_grad,
-                    freeze_last_layer=args.freeze_last_layer)
-
-
-def set_seeds(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """All RNG states as tensors and plain values, so the checkpoint loads with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["gauss"]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1; the loop saves a checkpoint and exits 0 at the next safe point."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        self.raised = True
+    return DINOStep(student, teacher, loss_fn, optimizer, precision=precision, clip_grad=args.clip_grad)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,6 +177,7 @@ class Trainer:
         self.step = build_dino_step(args, self.dist, self.precision, compile_models)
         self.student, self.teacher = self.step.student, self.step.teacher
         self.loss_fn, self.optimizer = self.step.loss_fn, self.step.optimizer
+        self.channels_last = self.device.type == "cuda" and unwrap(self.student).backbone.is_convnet
         self.gpu_multicrop = None
         if use_gpu_augment(args, self.device):
             self.gpu_multicrop = GPUMultiCrop(args.global_crops_scale, args.local_crops_scale,
@@ -233,7 +194,10 @@ class Trainer:
         )
         self.wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, self.niter_per_epoch)
         self.momentum_schedule = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, self.niter_per_epoch)
-        assert len(self.lr_schedule) == total
+        self.teacher_temp_schedule = teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
+                                                           args.warmup_teacher_temp_epochs, args.epochs,
+                                                           self.niter_per_epoch)
+        assert len(self.lr_schedule) == len(self.teacher_temp_schedule) == total
         self.iteration = 0
         self.last_good_checkpoint: str | None = None
         self.preempt = PreemptionFlag()
@@ -324,8 +288,6 @@ class Trainer:
     @torch.no_grad()
     def teacher_rank_max_diff(self) -> float:
         """Largest difference between this run's teacher weights on any rank and on rank 0 (should be 0)."""
-        import torch.distributed as dist
-
         params = [p.detach().flatten() for p in unwrap(self.teacher).parameters()]
         local = torch.cat(params)
         reference = local.clone()
@@ -363,10 +325,9 @@ class Trainer:
                 crops = self.gpu_multicrop(padded.to(self.device, non_blocking=True), sizes)
             else:
                 crops = [c.to(self.device, non_blocking=True) for c in crops]
-            if self.device.type == "cuda" and args.arch.startswith(("resnet", "convnext")):
+            if self.channels_last:
                 crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-            it = self.iteration
-            stats = self.step(crops, epoch, self.lr_schedule[it], self.wd_schedule[it], self.momentum_schedule[it])
+            stats = self.step(crops, self.schedule_at(self.iteration, epoch))
             finite = stats.loss_is_finite
             sums += torch.stack(
                 [
@@ -407,6 +368,11 @@ class Trainer:
             "skipped_steps": int(steps * self.dist.world_size - sums[3].item()),
             "unreadable_images": int(total_skipped.item()),
         }
+
+    def schedule_at(self, it: int, epoch: int) -> StepSchedule:
+        return StepSchedule(lr=self.lr_schedule[it], weight_decay=self.wd_schedule[it],
+                            momentum=self.momentum_schedule[it], teacher_temp=self.teacher_temp_schedule[it],
+                            freeze_last_layer=epoch < self.args.freeze_last_layer)
 
     def reached_exit_iteration(self) -> bool:
         return 0 < self.args.exit_after_iterations <= self.iteration
@@ -514,14 +480,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_demo_summary(stats: dict[str, Any]) -> None:
+    """The demo's table (rank 0 only): k-NN top-1 of the trained teacher against the two baselines."""
     baselines, trained = stats["knn_baselines"], stats["knn"]
-    print("\nweighted k-NN top-1 (%) on the validation split")
-    print(f"{'k':>5} {'DINO+SimPool':>13} {'random init':>12} {'raw pixels':>11}")
+    lines = ["", "weighted k-NN top-1 (%) on the validation split",
+             f"{'k':>5} {'DINO+SimPool':>13} {'random init':>12} {'raw pixels':>11}"]
     for k in trained:
-        print(
-            f"{k:>5} {trained[k][0]:>13.2f} {baselines['random_init'][k][0]:>12.2f} "
-            f"{baselines['raw_pixels'][k][0]:>11.2f}"
-        )
+        lines.append(f"{k:>5} {trained[k][0]:>13.2f} {baselines['random_init'][k][0]:>12.2f} "
+                     f"{baselines['raw_pixels'][k][0]:>11.2f}")
+    log.info("\n".join(lines))
 
 
 if __name__ == "__main__":
