@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 # Our own checkpoints carry this key; anything without it was written by DINO / the SimPool fork.
 FORMAT_KEY = "simpool_format"
-FORMAT_VERSION = 1
+# 2: the optimizer has the head's last layer in groups of its own (``is_last_layer``); 1 had two groups.
+FORMAT_VERSION = 2
 
 _CLASSIFIER_PREFIXES = ("fc.", "head.weight", "head.bias", "head.fc.")
 

@@ -88,6 +88,19 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
 
 
 @needs_fashion
+def test_checkpoint_of_another_format_version_is_refused_not_misloaded(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*FASHION_TINY, "--epochs", "1", "--output_dir", str(out)]) == 0
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    state["simpool_format"] = 1  # the two-group optimizer layout of earlier versions
+    torch.save(state, out / "checkpoint.pth")
+    capsys.readouterr()
+    assert main([*FASHION_TINY, "--epochs", "2", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "written by another simpool version (format 1" in err and "Traceback" not in err
+
+
+@needs_fashion
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}

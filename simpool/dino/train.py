@@ -239,6 +239,12 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             return False
         state = safe_load(self.checkpoint_path)
+        if state.get(FORMAT_KEY) != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{self.checkpoint_path} was written by another simpool version (format {state.get(FORMAT_KEY)}, "
+                f"this one reads {FORMAT_VERSION}): finish that run with the version that started it, or move the "
+                "file away to start a new run in this output_dir"
+            )
         unwrap(self.student).load_state_dict(state["student"])
         unwrap(self.teacher).load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
