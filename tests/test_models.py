@@ -6,10 +6,11 @@ import argparse
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from simpool import CheckpointError, build_backbone, load_pretrained
 from simpool.checkpoint import FORMAT_KEY, atomic_save
-from simpool.models import ARCHS
+from simpool.models import ARCHS, arch_family, default_gamma
 from tests.conftest import TINY_CONVNEXT, TINY_RESNET, TINY_VIT
 
 TINY = {"vit_tiny": TINY_VIT, "resnet18": TINY_RESNET, "convnext_tiny": TINY_CONVNEXT}
@@ -55,6 +56,56 @@ def test_exact_rule_keeps_pos_embed_at_native_grid():
     model = build_backbone("vit_tiny", **TINY_VIT)
     assert torch.equal(model.patch_pos_embed(14, 14), model.pos_embed)
     assert model.patch_pos_embed(6, 6).shape == (1, 36, 192)
+
+
+@pytest.mark.parametrize("grid", [(6, 6), (7, 5), (20, 20), (14, 14)])
+def test_exact_rule_is_plain_bicubic_to_the_new_grid(grid):
+    model = build_backbone("vit_tiny", **TINY_VIT)
+    with torch.no_grad():
+        model.pos_embed.normal_()
+        patch_pe = model.pos_embed.reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+        expected = F.interpolate(patch_pe, size=grid, mode="bicubic", align_corners=False)
+        expected = expected.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+        assert torch.equal(model.patch_pos_embed(*grid), expected)
+
+
+@pytest.mark.parametrize("mode", ["simpool", "official"])
+def test_last_block_outputs_are_normalised_block_outputs(mode):
+    model = build_backbone("vit_tiny", mode=mode, **{**TINY_VIT, "depth": 3}).eval()
+    x = torch.randn(2, 3, 80, 64)
+    with torch.no_grad():
+        tokens, naive = model.prepare_tokens(x), []
+        for block in model.blocks:
+            tokens = block(tokens)
+            naive.append(model.norm(tokens))
+        for n in (1, 2, 3):
+            outputs = model.last_block_outputs(x, n)
+            assert len(outputs) == n
+            assert all(torch.equal(out, ref) for out, ref in zip(outputs, naive[-n:]))
+    with pytest.raises(ValueError, match="n_last_blocks=4 is out of range: this ViT has 3 blocks"):
+        model.last_block_outputs(x, 4)
+
+
+def test_archs_are_named_records():
+    assert ARCHS["vit_small"].default_gamma == 1.25 and ARCHS["vit_small"].kwargs["embed_dim"] == 384
+    assert ARCHS["resnet50"].name == "resnet50" and ARCHS["resnet50"].family == "resnet"
+    assert {name: default_gamma(name) for name in ("vit_base", "resnet18", "convnext_tiny", "resnet10t")} == {
+        "vit_base": 1.25, "resnet18": 2.0, "convnext_tiny": 2.0, "resnet10t": None}
+    assert [arch_family(name) for name in ("vit_tiny", "resnet34", "convnext_base", "resnet10t")] == [
+        "vit", "resnet", "convnext", "timm"]
+    with pytest.raises(ValueError, match="unknown arch 'vit_gigantic_typo'"):
+        arch_family("vit_gigantic_typo")
+    with pytest.raises(TypeError):
+        ARCHS["vit_small"].kwargs["depth"] = 2  # a record is read-only: overrides go through build_backbone
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_simpool_parameter_names_match_the_reference(arch):
+    keys = set(build_backbone(arch, **TINY[arch]).state_dict())
+    expected = {"simpool.wq.weight", "simpool.wk.weight", "simpool.norm_patches.weight", "simpool.norm_patches.bias"}
+    assert expected <= keys and ("simpool.beta" in keys) == (arch == "vit_tiny")
+    official = build_backbone(arch, mode="official", **TINY[arch])
+    assert not any(key.startswith("simpool.") for key in official.state_dict())
 
 
 @pytest.mark.parametrize("arch", sorted(TINY))

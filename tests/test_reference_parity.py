@@ -1,4 +1,4 @@
-"""Weights written by the reference code reproduce the reference's features (GUIDE.md §2, fixtures README).
+"""Weights written by the reference code reproduce the reference's features (fixtures README).
 
 Each input batch is fed whole, while the reference computed one image at a time: equality also proves that
 an image's feature does not depend on the rest of its batch.

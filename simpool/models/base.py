@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from simpool.pooling import SimPool
+
 MODES = ("simpool", "official")
 # gamma=AUTO_GAMMA: the arch's paper default (1.25 transformers, 2.0 convnets); gamma=None: no gamma (the plain
 # attention-weighted mean). The one spelling everywhere: flags, YAML, build_backbone, recorded args.
@@ -32,6 +34,16 @@ class PooledBackbone(nn.Module):
         """True when the trunk is convolutional (ResNet, ConvNeXt, a timm convnet): such models run faster in
         ``torch.channels_last`` on CUDA, transformers do not."""
         return self.family in ("resnet", "convnext")
+
+    def _init_pooling(self, arch: str, mode: str, gamma: float | None, embed_dim: int, build_kwargs: dict[str, Any],
+                      use_beta: bool = False) -> None:
+        """Set the attributes every family shares and, in simpool mode, the ``simpool`` head (after the trunk, so
+        that the trunk's initialisation draws the same random numbers whatever the mode)."""
+        self.arch, self.mode = arch, mode
+        self.gamma = gamma if mode == "simpool" else None
+        self.embed_dim = embed_dim
+        self.build_kwargs = build_kwargs
+        self.simpool = SimPool(embed_dim, gamma=gamma, use_beta=use_beta) if mode == "simpool" else None
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every family overrides
         raise NotImplementedError

@@ -65,11 +65,8 @@ class SimPoolResNet(_MapPooling, ResNet, PooledBackbone):
         if block not in RESNET_BLOCKS:
             raise ValueError(f"unknown ResNet block {block!r}: choose one of {', '.join(RESNET_BLOCKS)}")
         super().__init__(block=RESNET_BLOCKS[block], layers=tuple(layers), num_classes=0, **timm_kwargs)
-        self.arch, self.mode = arch, mode
-        self.gamma = gamma if mode == "simpool" else None
-        self.embed_dim = self.num_features
-        self.build_kwargs = {"block": block, "layers": list(layers), **timm_kwargs}
-        self.simpool = SimPool(self.embed_dim, gamma=gamma) if mode == "simpool" else None
+        self._init_pooling(arch, mode, gamma, self.num_features,
+                           {"block": block, "layers": list(layers), **timm_kwargs})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feature_map = self.forward_features(x)
@@ -100,11 +97,8 @@ class SimPoolConvNeXt(_MapPooling, ConvNeXt, PooledBackbone):
     ) -> None:
         check_mode(mode)
         super().__init__(depths=tuple(depths), dims=tuple(dims), num_classes=0, **timm_kwargs)
-        self.arch, self.mode = arch, mode
-        self.gamma = gamma if mode == "simpool" else None
-        self.embed_dim = self.num_features
-        self.build_kwargs = {"depths": list(depths), "dims": list(dims), **timm_kwargs}
-        self.simpool = SimPool(self.embed_dim, gamma=gamma) if mode == "simpool" else None
+        self._init_pooling(arch, mode, gamma, self.num_features,
+                           {"depths": list(depths), "dims": list(dims), **timm_kwargs})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feature_map = self.forward_features(x)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from simpool.models.base import AUTO_GAMMA, PooledBackbone, check_mode
-from simpool.pooling import SimPool, pooled_attention_grid
+from simpool.pooling import pooled_attention_grid
 
 
 def looks_like_transformer(model: nn.Module) -> bool:
@@ -35,14 +35,10 @@ class TimmBackbone(PooledBackbone):
         super().__init__()
         check_mode(mode)
         self.model = timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs)
-        self.arch, self.mode = arch, mode
-        self.embed_dim = self.model.num_features
         self.is_transformer = looks_like_transformer(self.model)
         if gamma == AUTO_GAMMA:
             gamma = 1.25 if self.is_transformer else 2.0
-        self.gamma = gamma if mode == "simpool" else None
-        self.build_kwargs = dict(timm_kwargs)
-        self.simpool = SimPool(self.embed_dim, gamma=self.gamma) if mode == "simpool" else None
+        self._init_pooling(arch, mode, gamma, self.model.num_features, dict(timm_kwargs))
 
     @property
     def is_convnet(self) -> bool:

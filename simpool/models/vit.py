@@ -15,8 +15,9 @@ Position embeddings for another input size (local crops, 96 px) are resampled bi
   reproduce its features. It resamples with ``scale_factor=((h + 0.1) / s, (w + 0.1) / s)`` (h, w the new grid,
   s the trained grid side), so the sampling positions are shifted even when the sizes agree; and in SimPool mode it
   resamples at *every* size, 224 px included, because its "nothing to do" test counts a [CLS] token that does
-  not exist (GUIDE.md §2, defect 5). ``simpool.load_pretrained`` switches a model to this rule when it loads a
-  reference checkpoint.
+  not exist (``npatch = tokens - 1`` never equals N without one; about 9% relative change at 224 px). Released
+  SimPool ViT weights were trained that way. ``simpool.load_pretrained`` switches a model to this rule when it
+  loads a reference checkpoint.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from simpool.models.base import PooledBackbone, check_mode
-from simpool.pooling import SimPool, pooled_attention_grid
+from simpool.pooling import pooled_attention_grid
 
 POS_EMBED_RESAMPLING = ("exact", "reference")
 
@@ -66,12 +68,10 @@ class SimPoolViT(VisionTransformer, PooledBackbone):
             dynamic_img_size=True,  # accept any input size divisible by the patch (96 px local crops)
             **timm_kwargs,
         )
-        self.arch, self.mode = arch, mode
-        self.gamma = gamma if mode == "simpool" else None
         self.patch_size = patch_size
         self.pos_embed_resampling = pos_embed_resampling
-        self.build_kwargs = {"patch_size": patch_size, "img_size": img_size, **timm_kwargs}
-        self.simpool = SimPool(self.embed_dim, gamma=gamma, use_beta=True) if mode == "simpool" else None
+        self._init_pooling(arch, mode, gamma, self.embed_dim,
+                           {"patch_size": patch_size, "img_size": img_size, **timm_kwargs}, use_beta=True)
 
     # -- position embeddings -------------------------------------------------------------------------
     @property
@@ -90,16 +90,15 @@ class SimPoolViT(VisionTransformer, PooledBackbone):
         patch_pe = self.pos_embed[:, prefix:]
         side = int(math.sqrt(patch_pe.shape[1]))
         if self.pos_embed_resampling == "exact":
-            if (grid_h, grid_w) == (side, side):
-                return patch_pe
-            resample = {"size": (grid_h, grid_w)}
-        else:
-            reference_skips = self.mode == "official" and grid_h * grid_w == side * side and grid_h == grid_w
-            if reference_skips:
-                return patch_pe
-            resample = {"scale_factor": ((grid_h + 0.1) / side, (grid_w + 0.1) / side)}
+            # plain bicubic, as our models are trained: timm's default antialias changes grids that shrink (96 px crops)
+            return resample_abs_pos_embed(patch_pe, new_size=[grid_h, grid_w], old_size=[side, side],
+                                          num_prefix_tokens=0, interpolation="bicubic", antialias=False)
+        if self.mode == "official" and grid_h * grid_w == side * side and grid_h == grid_w:
+            return patch_pe  # the reference's "nothing to do" test, which only official mode (with [CLS]) passes
+        # Ours, not timm's: the reference samples at a scale_factor of (h + 0.1) / s, which no target size gives.
         grid = patch_pe.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, mode="bicubic", align_corners=False, **resample)
+        grid = F.interpolate(grid, scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side), mode="bicubic",
+                             align_corners=False)
         if grid.shape[-2:] != (grid_h, grid_w):
             raise RuntimeError(f"position embeddings resampled to {tuple(grid.shape[-2:])}, not {(grid_h, grid_w)}")
         return grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
@@ -132,20 +131,25 @@ class SimPoolViT(VisionTransformer, PooledBackbone):
         return self.norm(tokens)[:, 0]
 
     def last_block_outputs(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
-        """Normalised token sequences of the last ``n`` blocks (DINO's ``get_intermediate_layers``)."""
-        x = self.prepare_tokens(x)
-        outputs = []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if len(self.blocks) - i <= n:
-                outputs.append(self.norm(x))
-        return outputs
+        """Normalised token sequences ``norm(block_i(...))`` of the last ``n`` blocks, each (B, [1 +] N, d), prefix
+        tokens first (DINO's ``get_intermediate_layers``).
+
+        Example:
+            >>> vit = SimPoolViT(mode="official", gamma=None, embed_dim=192, depth=2, num_heads=3)
+            >>> [out.shape for out in vit.last_block_outputs(torch.randn(1, 3, 96, 96), n=2)]
+            [torch.Size([1, 37, 192]), torch.Size([1, 37, 192])]
+        """
+        if not 1 <= n <= len(self.blocks):
+            raise ValueError(f"n_last_blocks={n} is out of range: this ViT has {len(self.blocks)} blocks")
+        outputs = self.forward_intermediates(x, indices=n, norm=True, output_fmt="NLC", intermediates_only=True,
+                                             return_prefix_tokens=True)
+        if not self.num_prefix_tokens:
+            return outputs
+        return [torch.cat([prefix, patches], dim=1) for patches, prefix in outputs]
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax self-attention of the last block, (B, heads, T, T) over all its tokens."""
-        x = self.prepare_tokens(x)
-        for block in self.blocks[:-1]:
-            x = block(x)
+        x = self.blocks[:-1](self.prepare_tokens(x))
         last = self.blocks[-1]
         attn = last.attn
         batch, num_tokens, _ = x.shape
