@@ -6,18 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from simpool.attention_maps import largest_component_box, mass_mask_at_size, mass_threshold_mask, upsample_map
+from simpool.data.masks import mask_to_box
 from simpool.evaluation.attention_metrics import (
     best_threshold_jaccard,
     box_iou,
     corloc,
     evaluate_maps,
     jaccard,
-    largest_component_box,
-    mask_to_box,
-    mass_mask_at_size,
-    mass_threshold_mask,
     threshold_jaccard_curve,
-    upsample_map,
 )
 
 

@@ -14,66 +14,9 @@ image.png, then attention.png + mask.png (one map) or attention_head<i>.png, att
 matching mask_*.png (several heads); with --compare also compare_*.png and the side-by-side compare.png.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing simpool
-
-from simpool.checkpoint import CheckpointError  # noqa: E402
-from simpool.export import add_backbone_flags, backbone_flags, load_any_backbone  # noqa: E402
-from simpool.visualize import list_images, visualize_image  # noqa: E402
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Visualise attention maps", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretrained_weights", required=True, help="export folder or checkpoint file")
-    parser.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
-                        help="network of a DINO checkpoint to show (default: teacher)")
-    parser.add_argument("--image_path", required=True, help="an image file, or a folder of images")
-    parser.add_argument("--output_dir", default="attention_maps", help="where the PNGs go")
-    parser.add_argument("--image_size", default=224, type=int,
-                        help="shorter side in pixels before rounding to the patch size (0: keep the photo's)")
-    parser.add_argument("--keep", default=0.6, type=float, help="attention mass the mask keeps (DINO: 0.6)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_backbone_flags(parser)
-    parser.add_argument("--compare", default=None, help="a second export folder / checkpoint, shown beside")
-    parser.add_argument("--compare_checkpoint_key", default=None, choices=["teacher", "student"],
-                        help="default: --checkpoint_key")
-    parser.add_argument("--label", default=None, help="its title in compare.png (default: file name)")
-    parser.add_argument("--compare_label", default=None, help="title of --compare (default: its file name)")
-    add_backbone_flags(parser, prefix="compare_", what="--compare")
-    return parser
-
-
-def load_models(args: argparse.Namespace) -> list[tuple[str, torch.nn.Module]]:
-    model = load_any_backbone(args.pretrained_weights, args.checkpoint_key, **backbone_flags(args))
-    models = [(args.label or Path(args.pretrained_weights).name, model)]
-    if args.compare:
-        key = args.compare_checkpoint_key or args.checkpoint_key
-        other = load_any_backbone(args.compare, key, **backbone_flags(args, prefix="compare_"))
-        models.append((args.compare_label or Path(args.compare).name, other))
-    return [(label, model.to(args.device).eval()) for label, model in models]
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        images = list_images(args.image_path)
-        models = load_models(args)
-        for image_path in images:
-            out = Path(args.output_dir) / image_path.stem
-            written = visualize_image(models, image_path, out, args.image_size or None, args.keep)
-            print(f"{image_path}: {len(written)} PNGs in {out}")
-    except (ValueError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+from simpool.cli.visualize_attention import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command-line front ends of the library (installed as simpool-* scripts; utils/*.py call them)."""
