@@ -36,6 +36,7 @@ from torch import nn
 from simpool.data.masks import mask_to_box
 
 __all__ = [
+    "UpsampleMode",
     "as_map",
     "as_tensor",
     "attention_maps",

@@ -4,7 +4,7 @@ The masks and boxes come from :mod:`simpool.attention_maps` (DINO's ``keep``-mas
 box); this module scores them against ground truth:
 
 * :func:`jaccard` — intersection over union of two masks, optionally ignoring "void" pixels.
-* :func:`threshold_jaccard_curve` / :func:`best_threshold_jaccard` — Jaccard of the map thresholded
+* :func:`threshold_jaccard_curve` / :func:`best_of_curve` — Jaccard of the map thresholded
   at several levels, and the best of them.
 * :func:`box_iou`, :func:`corloc` — box overlap and the correct-localisation rate used in unsupervised
   object discovery (IoU ≥ 0.5 with any gt box).
@@ -45,7 +45,7 @@ __all__ = [
     "DEFAULT_MASS_THRESHOLDS",
     "jaccard",
     "threshold_jaccard_curve",
-    "best_threshold_jaccard",
+    "best_of_curve",
     "box_iou",
     "corloc",
     "evaluate_maps",
@@ -140,24 +140,20 @@ def threshold_jaccard_curve(
     return jaccard(masks, gt.unsqueeze(-3), ignore_t), levels
 
 
-def best_threshold_jaccard(
-    attn: torch.Tensor | np.ndarray,
-    gt_mask: torch.Tensor | np.ndarray,
-    thresholds: Sequence[float] | None = None,
-    criterion: Criterion = "value",
-    ignore: torch.Tensor | np.ndarray | None = None,
-    upsample_mode: UpsampleMode = "nearest",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best Jaccard over thresholds, per map: returns (best jaccard (...), threshold reaching it (...)).
+def best_of_curve(curve: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best Jaccard on threshold curve(s) (..., T) and the threshold reaching it: returns ((...), (...)).
 
-    By default (``criterion="value"``) the thresholds are levels of the min-max normalised
-    attention, max_t J((a - min)/(max - min) > t, G) for t in 0.05 … 0.95; with
-    ``criterion="mass"`` they are kept-mass fractions of :func:`mass_threshold_mask`. Choosing t per
-    map uses the ground truth, so this is an *oracle upper bound* on what one threshold can do —
-    report it next to the fixed 60%-mass Jaccard, not instead of it. On ties the lowest t wins.
-    Maps on the patch grid are upsampled as in :func:`threshold_jaccard_curve`.
+    With the curve of :func:`threshold_jaccard_curve` this is the best-threshold Jaccard
+    max_t J((a - min)/(max - min) > t, G) for t in 0.05 … 0.95 (``criterion="value"``; kept-mass
+    fractions with ``criterion="mass"``). Choosing t per map uses the ground truth, so this is an
+    *oracle upper bound* on what one threshold can do — report it next to the fixed 60%-mass
+    Jaccard, not instead of it. On a dataset-mean curve it picks the one threshold for all images.
+    On ties the lowest t wins.
+
+    Example::
+
+        >>> best, t = best_of_curve(*threshold_jaccard_curve(attn, gt_mask))
     """
-    curve, levels = threshold_jaccard_curve(attn, gt_mask, thresholds, criterion, ignore, upsample_mode)
     index = curve.argmax(dim=-1)  # argmax returns the first maximum: the lowest threshold
     best = curve.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     return best, levels.to(index.device)[index]
@@ -271,14 +267,17 @@ def _score_heads(
     upsample_mode: UpsampleMode,
     connectivity: Literal[4, 8],
 ) -> dict[str, torch.Tensor]:
-    """Per-head metrics of one image: heads (C, h, w) on the patch grid, gt (H, W) → (C,) tensors."""
+    """Per-head metrics of one image: heads (C, h, w) on the patch grid, gt (H, W) → (C,) tensors (and the
+    (C, T) threshold curve with its (T,) levels)."""
     size = tuple(gt.shape)
     mass_masks = mass_mask_at_size(heads, size, keep, upsample_mode)
     pred_boxes = largest_component_box(mass_masks, connectivity)  # (C, 4)
-    curve, _ = threshold_jaccard_curve(heads, gt, thresholds, criterion, ignore, upsample_mode)
+    curve, levels = threshold_jaccard_curve(heads, gt, thresholds, criterion, ignore, upsample_mode)
     return {
         "jaccard_mass": jaccard(mass_masks, gt, ignore),
+        "jaccard_best_threshold": best_of_curve(curve, levels)[0],
         "jaccard_curve": curve,  # (C, T): kept to pick one dataset-wide threshold later
+        "levels": levels,
         "corloc": (box_iou(pred_boxes, gt_boxes).amax(dim=-1) >= CORLOC_IOU).to(torch.float64),
     }
 
@@ -301,7 +300,7 @@ def evaluate_maps(
     ``upsample_mode`` (``nearest``: DINO's order, cut on the grid, upsample the mask):
       * ``jaccard_mass``: J(mass_mask_at_size(a, keep), G)                (DINO's 60%-mass mask)
       * ``jaccard_best_threshold``: max_t J(a > t, G), t chosen per image (oracle, see
-        :func:`best_threshold_jaccard`; ``criterion`` picks value or mass thresholds)
+        :func:`best_of_curve`; ``criterion`` picks value or mass thresholds)
       * ``jaccard_dataset_threshold``: mean_i J(a_i > t*, G_i) at the single t* that maximises the
         dataset mean (a fair, non-oracle counterpart); ``dataset_threshold`` gives t*
       * ``corloc``: box of the largest component of the mass mask has IoU ≥ 0.5 with a gt box
@@ -367,19 +366,13 @@ def evaluate_maps(
 
     jaccard_mass = mean_over_images("jaccard_mass")  # (C + 1,)
     curves = mean_over_images("jaccard_curve")  # (C + 1, T): dataset-mean Jaccard per threshold
-    best_threshold = torch.stack([s["jaccard_curve"].amax(dim=-1) for s in per_image]).mean(dim=0)
-    dataset_index = curves.argmax(dim=-1)
-    dataset_jaccard = curves.gather(-1, dataset_index.unsqueeze(-1)).squeeze(-1)
-    levels = torch.as_tensor(list(thresholds) if thresholds is not None else
-                             (DEFAULT_VALUE_THRESHOLDS if criterion == "value" else DEFAULT_MASS_THRESHOLDS),
-                             dtype=torch.float64)
-    corloc_rate = mean_over_images("corloc")
+    dataset_jaccard, dataset_threshold = best_of_curve(curves, per_image[0]["levels"])
     columns = {
         "jaccard_mass": jaccard_mass,
-        "jaccard_best_threshold": best_threshold,
+        "jaccard_best_threshold": mean_over_images("jaccard_best_threshold"),
         "jaccard_dataset_threshold": dataset_jaccard,
-        "dataset_threshold": levels[dataset_index],
-        "corloc": corloc_rate,
+        "dataset_threshold": dataset_threshold,
+        "corloc": mean_over_images("corloc"),
     }
 
     def row(index: int) -> dict[str, float]:
