@@ -90,7 +90,15 @@ def model_stride(model: nn.Module) -> int:
 
 
 def fit_to_stride(height: int, width: int, image_size: int | None, stride: int) -> tuple[int, int]:
-    """(H, W): shorter side scaled to ``image_size`` (None: kept), each side rounded to a stride multiple."""
+    """(H, W): shorter side scaled to ``image_size`` (None: kept), each side rounded to a stride multiple.
+
+    A resize, not a crop: nothing is cut off and the aspect ratio moves by at most half a patch.
+
+    Example::
+
+        >>> fit_to_stride(375, 500, 224, 16)              # 500 * 224 / 375 = 298.7 -> 19 patches of 16
+        (224, 304)
+    """
     if image_size is not None and image_size < stride:
         raise ValueError(
             f"--image_size {image_size} is smaller than the model's stride {stride}: use a larger one"
@@ -128,7 +136,6 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # masks and boxes from maps
 # ----------------------------------------------------------------------------------------------------------
-
 def mass_threshold_mask(attn: torch.Tensor | np.ndarray, keep: float = 0.6) -> torch.Tensor:
     """Smallest set of highest-valued pixels whose attention mass reaches ``keep`` of the total.
 

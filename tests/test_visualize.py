@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import runpy
 import subprocess
+import sys
 from pathlib import Path
 
 import imgviz
@@ -133,6 +136,15 @@ def test_cli_compare_writes_one_figure(weights, photo_folder, tmp_path):
                                      for name in ("head0", "head1", "head2", "mean")])
     for png in folder.glob("*_*.png"):
         assert png_size(png) == EXPECTED_SIZE, png.name
+
+
+def test_utils_script_runs_the_library_cli(tmp_path):
+    """utils/visualize_attention.py is the library's main, run as a script (no sys.path games)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's simpool, as an installed one would be
+    result = subprocess.run([sys.executable, str(REPO / "utils" / "visualize_attention.py"), "--help"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0 and "--pretrained_weights" in result.stdout, result.stderr
+    assert runpy.run_path(str(REPO / "utils" / "visualize_attention.py"))["main"] is visualize_main
 
 
 def test_cli_explains_models_without_attention(weights, photo_folder, tmp_path, capsys):
