@@ -4,7 +4,7 @@ SimPool's claim (ICCV 2023): trained the same way -- with DINO, and even with la
 has an attention map ``a`` that delineates the object better than the [CLS] attention of the official ViT. This
 script measures that claim end to end on data with exact object masks, on a CPU, in under half an hour:
 
-1. data (:mod:`simpool.fashion_on_photos`, rendered once, no download): ``--train_images`` training images as an
+1. data (:mod:`simpool.data.fashion_on_photos`, rendered once, no download): ``--train_images`` training images as an
    ImageFolder ``train/<class>/`` (class = the pasted Fashion-MNIST item, so k-NN has labels), ``--val_images``
    test-split images as ``val/<class>/`` for k-NN, and the first ``--test_images`` of those with their masks;
 2. for each seed, the same tiny ViT (patch 8, depth 4, width 96, 3 heads) is trained twice per regime --
@@ -55,15 +55,17 @@ from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from simpool.attention_maps import model_stride, prepare_image  # noqa: E402
 from simpool.data import FASHION_MNIST_CLASSES  # noqa: E402
+from simpool.data.fashion_on_photos import load_background_photos, mask_samples, render_fashion_on_photo  # noqa: E402
+from simpool.data.masks import mask_to_box  # noqa: E402
 from simpool.dino.train import main as train_dino  # noqa: E402
-from simpool.evaluation.attention import evaluate_attention, fashion_samples, format_table  # noqa: E402
-from simpool.evaluation.attention_metrics import evaluate_maps, mask_to_box  # noqa: E402
+from simpool.evaluation.attention import evaluate_attention, format_table  # noqa: E402
+from simpool.evaluation.attention_metrics import evaluate_maps  # noqa: E402
 from simpool.evaluation.knn import knn_classifier  # noqa: E402
-from simpool.fashion_on_photos import load_background_photos, render_fashion_on_photo  # noqa: E402
 from simpool.loading import load_model  # noqa: E402
 from simpool.models import build_backbone  # noqa: E402
-from simpool.visualize import attention_maps, compare_figure, model_stride, prepare_image  # noqa: E402
+from simpool.visualize import compare_figure, image_maps  # noqa: E402
 
 MODES = ("official", "simpool")
 REGIMES = ("dino", "supervised")
@@ -243,7 +245,7 @@ def voc_scores(model: torch.nn.Module, photo: Image.Image, mask: torch.Tensor, b
                size: int) -> tuple[torch.Tensor, dict[str, float]]:
     """The head-average map on the VOC photo and its scores (one image: an illustration, not a statistic)."""
     image, _ = prepare_image(photo, size, model_stride(model))
-    maps = attention_maps(model, image)  # heads (+ mean): the last one is what the figure shows
+    maps = image_maps(model, image)  # heads (+ mean): the last one is what the figure shows
     report = evaluate_maps(maps[-1:].unsqueeze(0), mask.unsqueeze(0), [boxes])
     row = report["best_head"]
     return maps[-1], {"jaccard_mass": row["jaccard_mass"], "jaccard_best_threshold": row["jaccard_best_threshold"],
@@ -385,7 +387,7 @@ def train_and_score(args: argparse.Namespace, work: Path, regime: str, mode: str
     Runs in its own process when ``--jobs`` > 1, single-threaded, so two models train side by side on two cores
     instead of one after the other."""
     torch.set_num_threads(1)
-    test_samples = fashion_samples(args.test_images, args.image_size)  # = the first val images, with masks
+    test_samples = mask_samples(args.test_images, args.image_size)  # = the first val images, with masks
     image, mask, boxes = voc_photo()
     train_set = labelled_images(args, "train", args.train_images)  # the images of train/ and val/, with labels
     val_set = labelled_images(args, "test", args.val_images)

@@ -10,18 +10,19 @@ Which map:
 Every map lives on the patch grid (h, w) = (H / p, W / p). For display it is upsampled to the image with
 *nearest* neighbours, so each patch is one flat block (what DINO's ``visualize_attention.py`` does); the
 mask is DINO's: the smallest set of patches holding ``keep`` (60%) of the attention mass
-(``simpool.evaluation.attention_metrics.mass_threshold_mask``), cut on the grid, then upsampled the same way.
+(:func:`simpool.attention_maps.mass_mask_at_size`), cut on the grid, then upsampled the same way.
 
 Image size: the shorter side is scaled to ``image_size`` keeping the aspect ratio, then each side is rounded
-to the nearest multiple of the model's stride (the patch size of a ViT, 32 for ResNet/ConvNeXt). That is a
+to the nearest multiple of the model's stride (the patch size of a ViT, 32 for ResNet/ConvNeXt;
+:func:`simpool.attention_maps.prepare_image`). That is a
 resize, not a crop, so nothing is cut off and the aspect ratio moves by at most half a patch.
 ``image_size=None`` keeps the photo's size (rounded the same way). Every PNG written has that processed
 size (H, W).
 
 Example:
     >>> model = load_backbone("exports/vits")
-    >>> image, rgb = prepare_image(Image.open("cat.jpg"), 224, model_stride(model))
-    >>> maps = attention_maps(model, image)            # (heads + 1, h, w), or (1, h, w) for one head
+    >>> image, rgb = prepare_image(Image.open("cat.jpg"), 224, model_stride(model))   # simpool.attention_maps
+    >>> maps = image_maps(model, image)            # (heads + 1, h, w), or (1, h, w) for one head
     >>> save_overlay("cat_attention.png", rgb, maps[-1]); save_mask("cat_mask.png", maps[-1], rgb.shape[:2])
 """
 
@@ -35,95 +36,28 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN  # (0.485, 0.456, 0.406)
-from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD  # (0.229, 0.224, 0.225)
 from torch import nn
 
-from simpool.evaluation.attention_metrics import mass_mask_at_size, upsample_map
+from simpool.attention_maps import attention_maps, mass_mask_at_size, model_stride, prepare_image, upsample_map
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_CMAP = "inferno"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# images in
-# ----------------------------------------------------------------------------------------------------------
-def model_stride(model: nn.Module) -> int:
-    """Input pixels per attention-map cell: the ViT patch size, or the convnet's total downsampling."""
-    patch_size = getattr(model, "patch_size", None)
-    if isinstance(patch_size, int):
-        return patch_size
-    inner = getattr(model, "model", model)  # TimmBackbone wraps the timm model
-    patch_embed = getattr(inner, "patch_embed", None)
-    if patch_embed is not None and hasattr(patch_embed, "patch_size"):
-        return int(patch_embed.patch_size[0])
-    feature_info = getattr(inner, "feature_info", None)
-    if feature_info:
-        return int(feature_info[-1]["reduction"])
-    return 32
-
-
-def fit_to_stride(height: int, width: int, image_size: int | None, stride: int) -> tuple[int, int]:
-    """(H, W): shorter side scaled to ``image_size`` (None: kept), each side rounded to a stride multiple."""
-    if image_size is not None and image_size < stride:
-        raise ValueError(
-            f"--image_size {image_size} is smaller than the model's stride {stride}: use a larger one"
-        )
-    scale = 1.0 if image_size is None else image_size / min(height, width)
-
-    def snap(side: int) -> int:
-        return max(stride, round(side * scale / stride) * stride)
-
-    return snap(height), snap(width)
-
-
-def prepare_image(image: Image.Image, image_size: int | None, stride: int) -> tuple[torch.Tensor, np.ndarray]:
-    """A PIL image -> (normalised (1, 3, H, W) float tensor, the resized RGB image as (H, W, 3) uint8)."""
-    image = image.convert("RGB")
-    size = fit_to_stride(image.height, image.width, image_size, stride)
-    resized = TF.resize(image, list(size), interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    tensor = TF.normalize(TF.to_tensor(resized), IMAGENET_MEAN, IMAGENET_STD)
-    return tensor.unsqueeze(0), np.asarray(resized, dtype=np.uint8).copy()
-
-
-def list_images(path: str | os.PathLike) -> list[Path]:
-    """One image file, or every image file directly inside a folder (sorted)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if images:
-            return images
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {str(path)!r}")
-    raise ValueError(f"--image_path {str(path)!r} does not exist")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# maps
-# ----------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def attention_maps(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """(M, h, w) float32 maps of one image (1, 3, H, W): each head, then their mean if there are several.
-
-    SimPool's maps are softmaxes over the patches (they sum to 1); a ViT's [CLS] row leaves out the [CLS]
-    token's attention to itself, so its maps sum to a little less.
-    """
+def image_maps(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """(M, h, w) float32 maps of one image (1, 3, H, W): each head, then their mean if there are several."""
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"expected one image of shape (1, 3, H, W), got {tuple(image.shape)}")
-    device = next(model.parameters()).device
-    maps = model.attention_map(image.to(device))[0].float().cpu()  # (heads, h, w)
+    maps = attention_maps(model, image)[0]  # (heads, h, w)
     if maps.shape[0] > 1:
         maps = torch.cat([maps, maps.mean(dim=0, keepdim=True)])
     return maps
 
 
 def map_names(num_maps: int) -> list[str]:
-    """Tags of ``attention_maps``' output: ``""`` for a single map, else ``head0``..``headN-1``, ``mean``."""
+    """Tags of ``image_maps``' output: ``""`` for a single map, else ``head0``..``headN-1``, ``mean``."""
     if num_maps == 1:
         return [""]
     return [f"head{i}" for i in range(num_maps - 1)] + ["mean"]
@@ -230,7 +164,7 @@ def visualize_image(
     summary_maps = []
     for index, (_, model) in enumerate(models):
         prefix = "" if index == 0 else f"compare{index if index > 1 else ''}_"
-        maps = attention_maps(model, image)
+        maps = image_maps(model, image)
         for name, attn in zip(map_names(len(maps)), maps):
             suffix = f"_{name}" if name else ""
             tag_attention, tag_mask = f"{prefix}attention{suffix}", f"{prefix}mask{suffix}"
@@ -245,15 +179,11 @@ def visualize_image(
 
 __all__ = [
     "attention_mask",
-    "attention_maps",
     "compare_figure",
-    "fit_to_stride",
     "heat_map",
-    "list_images",
+    "image_maps",
     "map_names",
-    "model_stride",
     "overlay",
-    "prepare_image",
     "save_mask",
     "save_overlay",
     "visualize_image",

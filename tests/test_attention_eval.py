@@ -17,16 +17,15 @@ from PIL import Image
 from torch import nn
 
 from simpool.data import FASHION_MNIST_DIR
-from simpool.data.masks import MaskSample
+from simpool.data.fashion_on_photos import write_voc_style
+from simpool.data.masks import MaskSample, mask_to_box
 from simpool.evaluation.attention import (
     evaluate_attention,
     load_mask_samples,
     main,
     parse_fashion_spec,
 )
-from simpool.evaluation.attention_metrics import mask_to_box
 from simpool.export import export_backbone
-from simpool.fashion_on_photos import write_voc_style
 from simpool.models import build_backbone
 
 needs_fashion = pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),

@@ -6,18 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from simpool.attention_maps import largest_component_box, mass_mask_at_size, mass_threshold_mask, upsample_map
+from simpool.data.masks import mask_to_box
 from simpool.evaluation.attention_metrics import (
-    best_threshold_jaccard,
+    best_of_curve,
     box_iou,
     corloc,
     evaluate_maps,
     jaccard,
-    largest_component_box,
-    mask_to_box,
-    mass_mask_at_size,
-    mass_threshold_mask,
     threshold_jaccard_curve,
-    upsample_map,
 )
 
 
@@ -141,9 +138,9 @@ def test_perfect_map_scores_one_and_inverted_map_zero():
     perfect = gt.float()
     inverted = 1.0 - perfect
     for criterion in ("value", "mass"):
-        best, threshold = best_threshold_jaccard(perfect, gt, criterion=criterion)
+        best, threshold = best_of_curve(*threshold_jaccard_curve(perfect, gt, criterion=criterion))
         assert best.item() == 1.0
-        worst, _ = best_threshold_jaccard(inverted, gt, criterion=criterion)
+        worst, _ = best_of_curve(*threshold_jaccard_curve(inverted, gt, criterion=criterion))
         assert worst.item() == 0.0
     assert jaccard(mass_threshold_mask(inverted), gt).item() == 0.0
     # A flat object carries all the mass, so the 60%-mass mask keeps exactly 60% of its 16 pixels
@@ -164,7 +161,7 @@ def test_value_threshold_curve_matches_brute_force():
     normalised = (attn - low) / (high - low)
     expected = torch.stack([jaccard(normalised > t, gt, ignore) for t in thresholds], dim=-1)
     assert torch.allclose(curve, expected)
-    best, best_t = best_threshold_jaccard(attn, gt, thresholds, ignore=ignore)
+    best, best_t = best_of_curve(curve, levels)
     assert torch.allclose(best, expected.amax(-1))
     assert torch.equal(best_t, levels[expected.argmax(-1)])
 

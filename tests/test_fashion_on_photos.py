@@ -10,9 +10,7 @@ import torch
 from PIL import Image
 
 from simpool.data import FASHION_MNIST_DIR
-from simpool.data.masks import read_mask_folder
-from simpool.evaluation.attention_metrics import evaluate_maps
-from simpool.fashion_on_photos import (
+from simpool.data.fashion_on_photos import (
     ITEM_SIDE,
     MASK_THRESHOLD,
     TRAIN_REGION,
@@ -23,6 +21,8 @@ from simpool.fashion_on_photos import (
     render_fashion_on_photo,
     write_voc_style,
 )
+from simpool.data.masks import read_mask_folder
+from simpool.evaluation.attention_metrics import evaluate_maps
 
 pytestmark = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
+import os
+import runpy
 import subprocess
+import sys
 from pathlib import Path
 
 import imgviz
@@ -12,23 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from simpool.evaluation.attention_metrics import mass_threshold_mask
+from simpool.attention_maps import fit_to_stride, mass_threshold_mask, model_stride, prepare_image
+from simpool.cli.visualize_attention import main as visualize_main
 from simpool.export import export_backbone
 from simpool.loading import load_backbone
 from simpool.models import build_backbone
-from simpool.visualize import attention_maps, fit_to_stride, map_names, model_stride, prepare_image
+from simpool.visualize import image_maps, map_names
 from tests.conftest import REPO, TINY_RESNET, TINY_VIT
 
 IMAGE_SIZE = 224
 EXPECTED_SIZE = (224, 304)  # the 375 x 500 VOC photo: shorter side 224, 298.7 -> 304 (19 patches of 16)
-
-
-def load_cli():
-    path = REPO / "utils" / "visualize_attention.py"
-    spec = importlib.util.spec_from_file_location("visualize_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def save_checkpoint(path: Path, arch: str, mode: str, overrides: dict) -> torch.nn.Module:
@@ -84,7 +79,7 @@ def test_attention_maps_per_head_and_mean(weights, photo_folder):
     with Image.open(photo_folder / "voc.jpg") as photo:
         image, rgb = prepare_image(photo, IMAGE_SIZE, model_stride(official))
     assert tuple(image.shape) == (1, 3, *EXPECTED_SIZE) and rgb.shape == (*EXPECTED_SIZE, 3)
-    maps = attention_maps(official, image)
+    maps = image_maps(official, image)
     assert maps.shape == (TINY_VIT["num_heads"] + 1, 14, 19)  # 3 heads of [CLS] attention, then their mean
     assert map_names(len(maps)) == ["head0", "head1", "head2", "mean"]
     torch.testing.assert_close(maps[-1], maps[:-1].mean(0))
@@ -97,7 +92,7 @@ def test_attention_maps_per_head_and_mean(weights, photo_folder):
 
 def test_cli_writes_overlays_and_minimal_60_percent_masks(weights, photo_folder, tmp_path):
     out = tmp_path / "viz"
-    code = load_cli().main(["--pretrained_weights", str(weights["simpool_export"]), "--image_path",
+    code = visualize_main(["--pretrained_weights", str(weights["simpool_export"]), "--image_path",
                             str(photo_folder), "--output_dir", str(out), "--image_size", str(IMAGE_SIZE),
                             "--device", "cpu"])
     assert code == 0
@@ -109,7 +104,7 @@ def test_cli_writes_overlays_and_minimal_60_percent_masks(weights, photo_folder,
     model = load_backbone(weights["simpool_export"])
     with Image.open(photo_folder / "voc.jpg") as photo:
         image, _ = prepare_image(photo, IMAGE_SIZE, 16)
-    attn = attention_maps(model, image)[0].double()  # (14, 19) on the patch grid
+    attn = image_maps(model, image)[0].double()  # (14, 19) on the patch grid
     torch.testing.assert_close(attn.sum().item(), 1.0)  # SimPool's attention: a softmax over the patches
     mask = np.asarray(Image.open(folder / "mask.png")) > 127
     patch_mask = torch.from_numpy(mask[::16, ::16].copy())
@@ -129,7 +124,7 @@ def test_cli_writes_overlays_and_minimal_60_percent_masks(weights, photo_folder,
 
 def test_cli_compare_writes_one_figure(weights, photo_folder, tmp_path):
     out = tmp_path / "viz"
-    code = load_cli().main(["--pretrained_weights", str(weights["simpool_export"]), "--image_path",
+    code = visualize_main(["--pretrained_weights", str(weights["simpool_export"]), "--image_path",
                             str(photo_folder / "voc.jpg"), "--output_dir", str(out), "--device", "cpu",
                             "--compare", str(weights["official"]), "--compare_label", "DINO [CLS]"])
     assert code == 0
@@ -144,8 +139,17 @@ def test_cli_compare_writes_one_figure(weights, photo_folder, tmp_path):
         assert png_size(png) == EXPECTED_SIZE, png.name
 
 
+def test_utils_script_runs_the_library_cli(tmp_path):
+    """utils/visualize_attention.py is the library's main, run as a script (no sys.path games)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's simpool, as an installed one would be
+    result = subprocess.run([sys.executable, str(REPO / "utils" / "visualize_attention.py"), "--help"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0 and "--pretrained_weights" in result.stdout, result.stderr
+    assert runpy.run_path(str(REPO / "utils" / "visualize_attention.py"))["main"] is visualize_main
+
+
 def test_cli_explains_models_without_attention(weights, photo_folder, tmp_path, capsys):
-    code = load_cli().main(["--pretrained_weights", str(weights["resnet_official"]), "--image_path",
+    code = visualize_main(["--pretrained_weights", str(weights["resnet_official"]), "--image_path",
                             str(photo_folder), "--output_dir", str(tmp_path), "--device", "cpu"])
     assert code == 2
     assert "mode='simpool'" in capsys.readouterr().err

@@ -1,80 +1,13 @@
-"""Draw a backbone's attention maps over images: heat-map overlays and DINO's 60%-mass masks, as PNGs.
+"""Draw a backbone's attention maps over images as PNGs (the ``simpool-visualize`` script, from a checkout).
 
     python utils/visualize_attention.py --pretrained_weights exports/vits --image_path cat.jpg --output_dir v
-    python utils/visualize_attention.py --pretrained_weights runs/vits/checkpoint.pth \
-        --image_path photos/ --output_dir viz \
-        --compare dino_deitsmall16_pretrain.pth --compare_arch vit_small --compare_mode official
 
---pretrained_weights is an export folder (utils/export_backbone.py) or a checkpoint: for a checkpoint the
-architecture comes from its training args unless --arch/--mode/... are given (backbone-only files need them).
-SimPool models show SimPool's attention; official ViTs their last block's [CLS] attention, per head and
-averaged. The shorter side of each image is scaled to --image_size and both sides are rounded to multiples of
-the patch size (a resize, no crop); every PNG has that size. For each image, OUTPUT_DIR/<image name>/ gets
-image.png, then attention.png + mask.png (one map) or attention_head<i>.png, attention_mean.png and the
-matching mask_*.png (several heads); with --compare also compare_*.png and the side-by-side compare.png.
+The flags and the files written are described in simpool/cli/visualize_attention.py (``--help``).
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing simpool
-
-from simpool.checkpoint import CheckpointError  # noqa: E402
-from simpool.flags import add_backbone_flags, backbone_flags  # noqa: E402
-from simpool.loading import load_model  # noqa: E402
-from simpool.visualize import list_images, visualize_image  # noqa: E402
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Visualise attention maps", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretrained_weights", required=True, help="export folder or checkpoint file")
-    parser.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
-                        help="network of a DINO checkpoint to show (default: teacher)")
-    parser.add_argument("--image_path", required=True, help="an image file, or a folder of images")
-    parser.add_argument("--output_dir", default="attention_maps", help="where the PNGs go")
-    parser.add_argument("--image_size", default=224, type=int,
-                        help="shorter side in pixels before rounding to the patch size (0: keep the photo's)")
-    parser.add_argument("--keep", default=0.6, type=float, help="attention mass the mask keeps (DINO: 0.6)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_backbone_flags(parser)
-    parser.add_argument("--compare", default=None, help="a second export folder / checkpoint, shown beside")
-    parser.add_argument("--compare_checkpoint_key", default=None, choices=["teacher", "student"],
-                        help="default: --checkpoint_key")
-    parser.add_argument("--label", default=None, help="its title in compare.png (default: file name)")
-    parser.add_argument("--compare_label", default=None, help="title of --compare (default: its file name)")
-    add_backbone_flags(parser, prefix="compare_", what="--compare")
-    return parser
-
-
-def load_models(args: argparse.Namespace) -> list[tuple[str, torch.nn.Module]]:
-    model, _ = load_model(args.pretrained_weights, args.checkpoint_key, **backbone_flags(args))
-    models = [(args.label or Path(args.pretrained_weights).name, model)]
-    if args.compare:
-        key = args.compare_checkpoint_key or args.checkpoint_key
-        other, _ = load_model(args.compare, key, **backbone_flags(args, prefix="compare_"))
-        models.append((args.compare_label or Path(args.compare).name, other))
-    return [(label, model.to(args.device).eval()) for label, model in models]
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        images = list_images(args.image_path)
-        models = load_models(args)
-        for image_path in images:
-            out = Path(args.output_dir) / image_path.stem
-            written = visualize_image(models, image_path, out, args.image_size or None, args.keep)
-            print(f"{image_path}: {len(written)} PNGs in {out}")
-    except (ValueError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+from simpool.cli.visualize_attention import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,1 +1,1 @@
-"""Command-line tools beside training and evaluation (simpool-export, simpool-visualize): argv in, exit code out."""
+"""Command-line front ends of the library (installed as simpool-* scripts; utils/*.py call them)."""

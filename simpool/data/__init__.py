@@ -7,11 +7,13 @@
 * :mod:`simpool.data.build`: ``build_dataset`` / ``build_labelled_splits``, the entry points
 * :mod:`simpool.data.sampler`: resumable distributed sampler, loader worker seeding
 * :mod:`simpool.data.masks`: images with object masks / boxes (VOC-style folders, COCO-style JSON) for scoring
-  attention maps
+  attention maps, and ``mask_to_box``
+* :mod:`simpool.data.fashion_on_photos`: Fashion-MNIST items pasted on photos, with exact object masks (offline)
 """
 
 from simpool.data.build import build_dataset, build_labelled_splits
 from simpool.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FashionMNIST
+from simpool.data.fashion_on_photos import FashionOnPhotosDataset, make_fashion_on_photos, write_voc_style
 from simpool.data.images import (
     BadSample,
     CollatedBatch,
@@ -20,6 +22,7 @@ from simpool.data.images import (
     UnreadableImageWarning,
     collate_skip_bad,
 )
+from simpool.data.masks import MaskSample, mask_to_box, read_coco, read_mask_folder
 from simpool.data.paths import DataError, resolve_split
 from simpool.data.sampler import ResumableDistributedSampler, seed_worker
 
@@ -30,13 +33,20 @@ __all__ = [
     "CollatedBatch",
     "DataError",
     "FashionMNIST",
+    "FashionOnPhotosDataset",
     "FileListDataset",
     "ImageFolderDataset",
+    "MaskSample",
     "ResumableDistributedSampler",
     "UnreadableImageWarning",
     "build_dataset",
     "build_labelled_splits",
     "collate_skip_bad",
+    "make_fashion_on_photos",
+    "mask_to_box",
+    "read_coco",
+    "read_mask_folder",
     "resolve_split",
     "seed_worker",
+    "write_voc_style",
 ]

@@ -31,16 +31,33 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
+from torchvision.ops import masks_to_boxes
 
-__all__ = ["MaskSample", "MaskFolderDataset", "read_mask_folder", "CocoDataset", "read_coco", "tight_box"]
+__all__ = ["MaskSample", "MaskFolderDataset", "read_mask_folder", "CocoDataset", "read_coco", "mask_to_box"]
 
 
-def tight_box(mask: np.ndarray) -> np.ndarray:
-    """(4,) int64 ``x0, y0, x1, y1`` (inclusive-exclusive) of the True pixels of ``mask``; zeros if none."""
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
-        return np.zeros(4, dtype=np.int64)
-    return np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.int64)
+def mask_to_box(mask: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Tight box (x0, y0, x1, y1) of the True pixels of (..., H, W) masks, inclusive-exclusive: int64 (..., 4).
+
+    x0, y0 are the first column/row holding a True pixel and x1, y1 one past the last, so a single pixel at
+    (x, y) has box (x, y, x + 1, y + 1) and the area (x1 - x0)(y1 - y0) counts pixels (the convention of
+    ``torchvision.ops.box_iou``). ``torchvision.ops.masks_to_boxes`` gives the last row/column itself
+    (x2, y2 inclusive): one is added. An empty mask gives (0, 0, 0, 0), a zero-area box.
+
+    Example::
+
+        >>> mask_to_box(torch.tensor([[0, 0, 0], [0, 1, 1]]))
+        tensor([1, 1, 3, 2])
+    """
+    mask = torch.as_tensor(mask).bool()
+    if mask.dim() < 2:
+        raise ValueError(f"mask must have shape (H, W) or (..., H, W), got {tuple(mask.shape)}")
+    flat = mask.reshape(-1, *mask.shape[-2:])
+    found = flat.flatten(1).any(dim=1)
+    boxes = torch.zeros(flat.shape[0], 4, dtype=torch.int64, device=mask.device)
+    # Only non-empty masks go in: torchvision before 0.17 fails on an empty one.
+    boxes[found] = masks_to_boxes(flat[found]).long() + torch.tensor([0, 0, 1, 1], device=mask.device)
+    return boxes.view(*mask.shape[:-2], 4)
 
 
 @dataclass(frozen=True)
@@ -112,9 +129,9 @@ class MaskFolderDataset(Dataset):
             raise ValueError(f"{name}: mask {values.shape} and image {(image.height, image.width)} "
                              "differ in size")
         foreground, void, objects = _decode_mask(values.astype(np.int64), self.binary)
-        boxes = np.stack([tight_box(obj) for obj in objects]) if objects else np.zeros((0, 4), np.int64)
+        boxes = mask_to_box(np.stack(objects)) if objects else torch.zeros(0, 4, dtype=torch.int64)
         return MaskSample(name=name, image=image, mask=torch.from_numpy(foreground),
-                          void=torch.from_numpy(void), boxes=torch.from_numpy(boxes))
+                          void=torch.from_numpy(void), boxes=boxes)
 
 
 def read_mask_folder(

@@ -12,7 +12,8 @@ Which map (``model.attention_map``, on the patch grid (h, w) = (H / p, W / p)):
 * SimPool models: the pooling attention a = softmax_j(K_j · q / sqrt(d_h)), one map per SimPool head;
 * official-mode ViTs: the last block's [CLS]-to-patch attention, one map per self-attention head.
 
-Scores (:func:`simpool.evaluation.attention_metrics.evaluate_maps`; maps are upsampled to the mask with nearest
+Maps come from :func:`simpool.attention_maps.attention_maps`, scores from
+:func:`simpool.evaluation.attention_metrics.evaluate_maps` (maps are upsampled to the mask with nearest
 neighbours, DINO's convention, and averaged over images):
 
 * ``jaccard_mass``: J(M, G), M = the fewest patches holding ``keep`` (60%) of the attention mass (DINO);
@@ -42,15 +43,17 @@ Library::
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
+from simpool.attention_maps import attention_maps, model_stride, prepare_image
+from simpool.data.fashion_on_photos import mask_samples
 from simpool.data.masks import MaskSample, read_coco, read_mask_folder
 from simpool.evaluation.attention_metrics import evaluate_maps
 from simpool.evaluation.common import (
@@ -61,8 +64,10 @@ from simpool.evaluation.common import (
     results_folder,
     write_json,
 )
-from simpool.fashion_on_photos import render_fashion_on_photo
-from simpool.visualize import model_stride, prepare_image
+from simpool.flags import bad_input
+from simpool.logs import setup_logging
+
+log = logging.getLogger(__name__)
 
 RESULTS_FILE = "attention.json"
 FASHION_ON_PHOTOS = "fashion-on-photos"
@@ -71,9 +76,7 @@ METRICS = ("jaccard_mass", "jaccard_best_threshold", "corloc")
 
 __all__ = [
     "FASHION_ON_PHOTOS",
-    "attention_maps_batch",
     "evaluate_attention",
-    "fashion_samples",
     "format_table",
     "get_args_parser",
     "load_mask_samples",
@@ -98,17 +101,6 @@ def parse_fashion_spec(data_path: str) -> int | None:
     return int(count)
 
 
-def fashion_samples(n: int, image_size: int, seed: int = 0) -> list[MaskSample]:
-    """The first n fashion-on-photos *test* images at ``image_size`` px, as mask samples (one object each)."""
-    samples = []
-    for i in range(n):
-        rendered = render_fashion_on_photo(i, image_size=image_size, seed=seed, split="test")
-        mask = torch.from_numpy(rendered.mask)
-        samples.append(MaskSample(name=f"{i:06d}", image=Image.fromarray(rendered.image), mask=mask,
-                                  void=torch.zeros_like(mask), boxes=torch.from_numpy(rendered.box).view(1, 4)))
-    return samples
-
-
 def load_mask_samples(data_path: str | Path, image_size: int = 224, seed: int = 0,
                       annotations: str | Path | None = None) -> Sequence[MaskSample]:
     """A VOC-style folder, a COCO-style folder + JSON (``annotations``), or ``fashion-on-photos[:N]`` rendered at
@@ -122,7 +114,7 @@ def load_mask_samples(data_path: str | Path, image_size: int = 224, seed: int = 
     if count is not None:
         if annotations is not None:
             raise EvalSetupError("--annotations goes with a folder of images, not with fashion-on-photos")
-        return fashion_samples(count, image_size, seed)
+        return mask_samples(count, image_size, seed, split="test")
     if not Path(data_path).is_dir():
         raise EvalSetupError(f"--data_path {str(data_path)!r} is neither a folder (VOC-style: JPEGImages/ + "
                              f"SegmentationObject/; COCO-style: images + --annotations) nor {FASHION_ON_PHOTOS}[:N]")
@@ -134,13 +126,6 @@ def load_mask_samples(data_path: str | Path, image_size: int = 224, seed: int = 
 # ----------------------------------------------------------------------------------------------------------
 # maps
 # ----------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def attention_maps_batch(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(B, heads, h, w) float32 maps on the CPU of a normalised batch (B, 3, H, W), on the model's device."""
-    device = next(model.parameters()).device
-    return model.attention_map(images.to(device)).float().cpu()
-
-
 def _maps_of(model: nn.Module, samples: Sequence[MaskSample], image_size: int | None,
              batch_size: int) -> list[torch.Tensor]:
     """One (heads, h, w) map per sample; consecutive images of one prepared size share a forward pass."""
@@ -150,7 +135,7 @@ def _maps_of(model: nn.Module, samples: Sequence[MaskSample], image_size: int | 
 
     def flush() -> None:
         if pending:
-            maps.extend(attention_maps_batch(model, torch.cat(pending)).unbind(0))
+            maps.extend(attention_maps(model, torch.cat(pending)).unbind(0))
             pending.clear()
 
     for index in range(len(samples)):
@@ -193,7 +178,7 @@ def evaluate_attention(
 ) -> dict[str, Any]:
     """Score the attention maps of ``model`` (eval mode, on any device) on mask samples.
 
-    Each image is resized as :func:`simpool.visualize.prepare_image` does (shorter side to ``image_size``,
+    Each image is resized as :func:`simpool.attention_maps.prepare_image` does (shorter side to ``image_size``,
     sides rounded to the patch size; ``None`` keeps the size); the maps are scored against the masks at their
     own resolution (nearest upsampling, VOC void pixels ignored, CorLoc against every object box).
 
@@ -272,37 +257,27 @@ def output_path(args: argparse.Namespace) -> Path | None:
     return None  # --random_init without --output: nothing to write beside
 
 
-def _setup(argv: list[str] | None):
-    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    check_flags(args)
-    samples = load_mask_samples(args.data_path, args.image_size, annotations=args.annotations)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, source = build_model(args, device)
-    return args, samples, model, source
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (2: bad flags, data or weights, reported before any forward pass)."""
+    """Entry point; returns the exit code (2: bad flags, data or weights, with ``error: ...`` on stderr)."""
+    setup_logging()
+    args = get_args_parser().parse_args(argv)
     try:
-        args, samples, model, source = _setup(argv)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"scoring the attention maps of {source.arch} ({source.mode} mode) from "
-          f"{source.weights or 'random initialisation'} on {len(samples)} images of {args.data_path}")
-    try:
+        check_flags(args)
+        samples = load_mask_samples(args.data_path, args.image_size, annotations=args.annotations)
+        model, source = build_model(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        log.info("scoring the attention maps of %s (%s mode) from %s on %d images of %s", source.arch, source.mode,
+                 source.weights or "random initialisation", len(samples), args.data_path)
         result = evaluate_attention(model, samples, args.image_size, args.keep, args.batch_size)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_table(result["rows"], args.keep))
+    except ValueError as err:  # DataError, CheckpointError and EvalSetupError are ValueErrors
+        return bad_input(err)
+    log.info(format_table(result["rows"], args.keep))
     path = output_path(args)
     if path is not None:
         payload = {**source.as_dict(), "data_path": args.data_path, "image_size": args.image_size,
                    "map": "simpool attention a" if source.mode == "simpool" else "[CLS] self-attention",
                    **result}
         write_json(path, payload)
-        print(f"results written to {path}")
+        log.info(f"results written to {path}")
     return 0
 
 

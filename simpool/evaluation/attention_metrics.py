@@ -1,20 +1,17 @@
-"""How well do attention maps delineate objects? Masks, Jaccard, boxes and CorLoc.
+"""How well do attention maps delineate objects? Jaccard, boxes and CorLoc, per head and over a data set.
 
-SimPool's claim is that its attention map ``a`` (B, heads, N) outlines the object without any
-supervision. This module turns such maps (reshaped to the patch grid, (..., h, w)) into masks and
-boxes and scores them against ground truth:
+The masks and boxes come from :mod:`simpool.attention_maps` (DINO's ``keep``-mass mask, the largest component's
+box); this module scores them against ground truth:
 
-* :func:`mass_threshold_mask` — DINO's mask (facebookresearch/dino ``visualize_attention.py``): the
-  smallest set of highest-attention pixels holding ``keep`` (60%) of the total attention mass.
 * :func:`jaccard` — intersection over union of two masks, optionally ignoring "void" pixels.
-* :func:`threshold_jaccard_curve` / :func:`best_threshold_jaccard` — Jaccard of the map thresholded
+* :func:`threshold_jaccard_curve` / :func:`best_of_curve` — Jaccard of the map thresholded
   at several levels, and the best of them.
-* :func:`largest_component_box`, :func:`box_iou`, :func:`corloc` — boxes from masks and the
-  correct-localisation rate used in unsupervised object discovery (IoU ≥ 0.5 with any gt box).
+* :func:`box_iou`, :func:`corloc` — box overlap and the correct-localisation rate used in unsupervised
+  object discovery (IoU ≥ 0.5 with any gt box).
 * :func:`evaluate_maps` — all of the above, averaged over a dataset, per head.
 
-Everything is plain torch (scipy/scikit-image only for connected components); no model code.
-Inputs may live on any device; the masks are small, so the dataset-level helpers work on CPU.
+Everything is plain torch; no model code. Inputs may live on any device; the masks are small, so the
+dataset-level helpers work on CPU.
 
 Example::
 
@@ -31,20 +28,24 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision
+
+from simpool.attention_maps import (
+    UpsampleMode,
+    as_map,
+    as_tensor,
+    largest_component_box,
+    mass_mask_at_size,
+    upsample_map,
+)
+from simpool.data.masks import mask_to_box
 
 __all__ = [
     "DEFAULT_VALUE_THRESHOLDS",
     "DEFAULT_MASS_THRESHOLDS",
-    "mass_threshold_mask",
-    "upsample_map",
-    "mass_mask_at_size",
     "jaccard",
     "threshold_jaccard_curve",
-    "best_threshold_jaccard",
-    "mask_to_box",
-    "largest_component_box",
+    "best_of_curve",
     "box_iou",
     "corloc",
     "evaluate_maps",
@@ -57,128 +58,6 @@ DEFAULT_MASS_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in r
 
 Criterion = Literal["value", "mass"]
 CORLOC_IOU = 0.5  # a box "localises" the object when IoU >= 0.5 (LOST, TokenCut, DINO-seg papers)
-
-
-def _as_tensor(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
-    raise ValueError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
-
-
-def _check_map(attn: torch.Tensor | np.ndarray, name: str = "attn") -> torch.Tensor:
-    attn = _as_tensor(attn, name)
-    if attn.dim() < 2:
-        raise ValueError(f"{name} must have shape (h, w) or (..., h, w), got {tuple(attn.shape)}")
-    if not attn.is_floating_point():
-        attn = attn.float()
-    return attn
-
-
-# ----------------------------------------------------------------------------- masks from maps
-
-
-def mass_threshold_mask(attn: torch.Tensor | np.ndarray, keep: float = 0.6) -> torch.Tensor:
-    """Smallest set of highest-valued pixels whose attention mass reaches ``keep`` of the total.
-
-    For one map with values a_1 ≥ a_2 ≥ … ≥ a_n (sorted, descending) the mask keeps the first k
-    pixels, k = min{k : sum_{i≤k} a_i ≥ keep · sum_i a_i}. So the kept mass is ≥ keep and dropping
-    any kept pixel would bring it below keep. This is DINO's ``visualize_attention.py`` mask
-    (``cumsum`` of the ascending sort ``> 1 - keep``), written from the top down.
-
-    Ties: values equal to the one at the cut are ordered by raster position (stable sort), so the
-    cut may split a plateau — the earlier pixels (row-major) are kept. The mask is defined by mass,
-    not by a value threshold, which is why it can split ties. Zero-valued pixels are never kept, and
-    an all-zero map (no mass) gives an empty mask.
-
-    Args:
-        attn: non-negative map(s), shape (h, w) or (..., h, w), any float dtype, any device.
-            Cumulative sums run in float64 so fp16/bf16 maps are cut at the right place.
-        keep: fraction of the mass to keep, in (0, 1]. DINO uses 0.6.
-
-    Returns:
-        bool tensor of the same shape and device as ``attn``.
-
-    Example::
-
-        >>> mass_threshold_mask(torch.tensor([[0.5, 0.3], [0.2, 0.0]]), keep=0.6)
-        tensor([[ True,  True],
-                [False, False]])
-    """
-    attn = _check_map(attn)
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be a mass fraction in (0, 1], got {keep}")
-    flat = attn.detach().flatten(-2).to(torch.float64)
-    if flat.numel() and bool((flat < 0).any()):
-        raise ValueError("attn has negative values: the mass threshold needs a non-negative map "
-                         "(pass softmax attention, or shift/clip the map first)")
-    values, order = torch.sort(flat, dim=-1, descending=True, stable=True)
-    mass_before = torch.cumsum(values, dim=-1) - values  # mass of strictly higher-ranked pixels
-    total = values.sum(dim=-1, keepdim=True)
-    kept_sorted = mass_before < keep * total
-    kept_sorted &= values > 0
-    kept = torch.empty_like(kept_sorted).scatter_(-1, order, kept_sorted)
-    return kept.view(attn.shape)
-
-
-def upsample_map(
-    attn: torch.Tensor | np.ndarray,
-    size: int | tuple[int, int],
-    mode: Literal["nearest", "bilinear"] = "nearest",
-) -> torch.Tensor:
-    """Resize patch-grid map(s) (h, w), (B, h, w) or (B, C, h, w) to the image size (H, W).
-
-    ``nearest`` (default) gives every pixel the attention of the patch it belongs to, which is what
-    the map means: one value per patch. With H = p·h (patch size p) it is exactly DINO's
-    ``interpolate(scale_factor=p, mode="nearest")``. Value thresholds commute with it, but the mass
-    mask does not: on the upsampled map the cut may split a patch's p² equal pixels, so DINO (and
-    :func:`mass_mask_at_size`) cuts on the patch grid and upsamples the *mask*. ``bilinear``
-    (align_corners=False) gives smoother object boundaries — sometimes a higher Jaccard for round
-    objects — but invents values between patch centres; use it for display or as a sensitivity
-    check, and say which one you report. Bilinear weights are non-negative, so a non-negative map
-    stays non-negative.
-
-    Returns a float tensor (float32 for integer input) on the input's device.
-    """
-    attn = _check_map(attn)
-    if attn.dim() > 4:
-        raise ValueError(f"attn must have shape (h, w), (B, h, w) or (B, C, h, w), got {tuple(attn.shape)}")
-    if mode not in ("nearest", "bilinear"):
-        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
-    out_size = (size, size) if isinstance(size, int) else tuple(size)
-    if len(out_size) != 2 or min(out_size) < 1:
-        raise ValueError(f"size must be an int or (H, W) with positive entries, got {size}")
-    lead = attn.shape[:-2]
-    grid = attn.reshape(1, -1, *attn.shape[-2:])  # interpolate wants (N, C, h, w)
-    if mode == "nearest":
-        resized = F.interpolate(grid, size=out_size, mode="nearest")
-    else:
-        # bilinear is not implemented for half precision on every device: run it in float32.
-        resized = F.interpolate(grid.float(), size=out_size, mode="bilinear", align_corners=False)
-        resized = resized.to(attn.dtype)
-    return resized.reshape(*lead, *out_size)
-
-
-def mass_mask_at_size(
-    attn: torch.Tensor | np.ndarray,
-    size: int | tuple[int, int],
-    keep: float = 0.6,
-    upsample_mode: Literal["nearest", "bilinear"] = "nearest",
-) -> torch.Tensor:
-    """DINO's ``keep``-mass mask of patch-grid map(s) (..., h, w), at image size (..., H, W).
-
-    ``nearest``: the mask is cut on the patch grid, then upsampled — whole patches in or out, as in
-    DINO's ``visualize_attention.py``. ``bilinear``: the map is upsampled first and cut per pixel.
-    A map already at (H, W) is cut directly.
-    """
-    attn = _check_map(attn)
-    out_size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(attn.shape[-2:]) == out_size:
-        return mass_threshold_mask(attn, keep)
-    if upsample_mode == "nearest":
-        return upsample_map(mass_threshold_mask(attn, keep).float(), out_size, "nearest").bool()
-    return mass_threshold_mask(upsample_map(attn, out_size, upsample_mode), keep)
 
 
 # ----------------------------------------------------------------------------- Jaccard
@@ -200,13 +79,13 @@ def jaccard(
         >>> jaccard(torch.tensor([[1, 1], [0, 0]]).bool(), torch.tensor([[1, 0], [0, 0]]).bool())
         tensor(0.5000, dtype=torch.float64)
     """
-    pred = _as_tensor(pred_mask, "pred_mask").bool()
-    gt = _as_tensor(gt_mask, "gt_mask").bool().to(pred.device)
+    pred = as_tensor(pred_mask, "pred_mask").bool()
+    gt = as_tensor(gt_mask, "gt_mask").bool().to(pred.device)
     if pred.dim() < 2 or gt.dim() < 2 or pred.shape[-2:] != gt.shape[-2:]:
         raise ValueError(f"pred_mask {tuple(pred.shape)} and gt_mask {tuple(gt.shape)} must end in the same "
                          "(H, W); upsample the prediction to the mask size first (upsample_map)")
     if ignore is not None:
-        valid = ~_as_tensor(ignore, "ignore").bool().to(pred.device)
+        valid = ~as_tensor(ignore, "ignore").bool().to(pred.device)
         pred, gt = pred & valid, gt & valid
     inter = (pred & gt).sum(dim=(-2, -1)).to(torch.float64)  # int count: faster than a float sum
     union = (pred | gt).sum(dim=(-2, -1)).to(torch.float64)
@@ -227,7 +106,7 @@ def threshold_jaccard_curve(
     thresholds: Sequence[float] | None = None,
     criterion: Criterion = "value",
     ignore: torch.Tensor | np.ndarray | None = None,
-    upsample_mode: Literal["nearest", "bilinear"] = "nearest",
+    upsample_mode: UpsampleMode = "nearest",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Jaccard of the map thresholded at each of T levels: returns (jaccards (..., T), thresholds (T,)).
 
@@ -237,8 +116,8 @@ def threshold_jaccard_curve(
     ``attn`` may be on the patch grid (h, w): it is brought to the mask's (H, W) with
     ``upsample_mode`` (mass masks cut on the grid first under ``nearest``, as DINO does).
     """
-    attn = _check_map(attn)
-    gt = _as_tensor(gt_mask, "gt_mask").bool().to(attn.device)
+    attn = as_map(attn)
+    gt = as_tensor(gt_mask, "gt_mask").bool().to(attn.device)
     if criterion not in ("value", "mass"):
         raise ValueError(f"criterion must be 'value' (normalised attention) or 'mass' (kept mass), "
                          f"got {criterion!r}")
@@ -249,7 +128,7 @@ def threshold_jaccard_curve(
     levels = torch.as_tensor(list(thresholds), dtype=torch.float64)
     if levels.dim() != 1 or levels.numel() == 0:
         raise ValueError(f"thresholds must be a non-empty sequence of floats, got {thresholds}")
-    ignore_t = None if ignore is None else _as_tensor(ignore, "ignore").bool().to(attn.device)
+    ignore_t = None if ignore is None else as_tensor(ignore, "ignore").bool().to(attn.device)
     size = tuple(gt.shape[-2:])
     if criterion == "value":
         if tuple(attn.shape[-2:]) != size:
@@ -261,24 +140,20 @@ def threshold_jaccard_curve(
     return jaccard(masks, gt.unsqueeze(-3), ignore_t), levels
 
 
-def best_threshold_jaccard(
-    attn: torch.Tensor | np.ndarray,
-    gt_mask: torch.Tensor | np.ndarray,
-    thresholds: Sequence[float] | None = None,
-    criterion: Criterion = "value",
-    ignore: torch.Tensor | np.ndarray | None = None,
-    upsample_mode: Literal["nearest", "bilinear"] = "nearest",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best Jaccard over thresholds, per map: returns (best jaccard (...), threshold reaching it (...)).
+def best_of_curve(curve: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best Jaccard on threshold curve(s) (..., T) and the threshold reaching it: returns ((...), (...)).
 
-    By default (``criterion="value"``) the thresholds are levels of the min-max normalised
-    attention, max_t J((a - min)/(max - min) > t, G) for t in 0.05 … 0.95; with
-    ``criterion="mass"`` they are kept-mass fractions of :func:`mass_threshold_mask`. Choosing t per
-    map uses the ground truth, so this is an *oracle upper bound* on what one threshold can do —
-    report it next to the fixed 60%-mass Jaccard, not instead of it. On ties the lowest t wins.
-    Maps on the patch grid are upsampled as in :func:`threshold_jaccard_curve`.
+    With the curve of :func:`threshold_jaccard_curve` this is the best-threshold Jaccard
+    max_t J((a - min)/(max - min) > t, G) for t in 0.05 … 0.95 (``criterion="value"``; kept-mass
+    fractions with ``criterion="mass"``). Choosing t per map uses the ground truth, so this is an
+    *oracle upper bound* on what one threshold can do — report it next to the fixed 60%-mass
+    Jaccard, not instead of it. On a dataset-mean curve it picks the one threshold for all images.
+    On ties the lowest t wins.
+
+    Example::
+
+        >>> best, t = best_of_curve(*threshold_jaccard_curve(attn, gt_mask))
     """
-    curve, levels = threshold_jaccard_curve(attn, gt_mask, thresholds, criterion, ignore, upsample_mode)
     index = curve.argmax(dim=-1)  # argmax returns the first maximum: the lowest threshold
     best = curve.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     return best, levels.to(index.device)[index]
@@ -315,89 +190,14 @@ def _value_threshold_jaccard(
 
 # ----------------------------------------------------------------------------- boxes
 
-
-def mask_to_box(mask: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Tight box (x0, y0, x1, y1) of all True pixels of (..., H, W) masks, inclusive-exclusive.
-
-    x0, y0 are the first column/row with a True pixel and x1, y1 one past the last, so a single
-    pixel at (x, y) has box (x, y, x + 1, y + 1) and area (x1 - x0)(y1 - y0) counts pixels. An empty
-    mask gives (0, 0, 0, 0), a zero-area box whose IoU with anything is 0. Returns int64 (..., 4).
-    """
-    mask = _as_tensor(mask, "mask").bool()
-    if mask.dim() < 2:
-        raise ValueError(f"mask must have shape (H, W) or (..., H, W), got {tuple(mask.shape)}")
-    height, width = mask.shape[-2:]
-    rows, cols = mask.any(dim=-1), mask.any(dim=-2)  # (..., H), (..., W)
-    row_idx = torch.arange(height, device=mask.device)
-    col_idx = torch.arange(width, device=mask.device)
-    y0 = torch.where(rows, row_idx, height).amin(dim=-1)
-    y1 = torch.where(rows, row_idx + 1, 0).amax(dim=-1)
-    x0 = torch.where(cols, col_idx, width).amin(dim=-1)
-    x1 = torch.where(cols, col_idx + 1, 0).amax(dim=-1)
-    box = torch.stack([x0, y0, x1, y1], dim=-1).long()
-    return torch.where(mask.flatten(-2).any(dim=-1, keepdim=True), box, torch.zeros_like(box))
-
-
-def _label_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
-    """Connected components of a 2-D bool array: scipy.ndimage if present, else scikit-image."""
-    try:
-        from scipy import ndimage
-    except ImportError:  # scipy comes with scikit-learn/scikit-image, but do not require it
-        ndimage = None
-    if ndimage is not None:
-        structure = np.ones((3, 3), bool) if connectivity == 8 else ndimage.generate_binary_structure(2, 1)
-        labels, count = ndimage.label(mask, structure=structure)
-        return labels, int(count)
-    try:
-        from skimage.measure import label
-    except ImportError as error:
-        raise ImportError("largest_component_box needs scipy or scikit-image: "
-                          "pip install scipy (or pip install scikit-image)") from error
-    labels, count = label(mask, connectivity=1 if connectivity == 4 else 2, return_num=True)
-    return labels, int(count)
-
-
-def largest_component_box(mask: torch.Tensor | np.ndarray, connectivity: Literal[4, 8] = 8) -> torch.Tensor:
-    """Box (x0, y0, x1, y1), inclusive-exclusive, of the largest connected component of each mask.
-
-    Components are found with ``scipy.ndimage.label`` (``skimage.measure.label`` if scipy is
-    missing) using 8-connectivity by default: upsampled patch masks often touch only at patch
-    corners, and an object split at a corner is still one object. Pass 4 for edge-only neighbours.
-    The largest component is the one with most pixels; on a tie, the first in raster order. An
-    empty mask gives (0, 0, 0, 0). Shape (H, W) → (4,), (..., H, W) → (..., 4); int64, on CPU.
-
-    Example::
-
-        >>> m = torch.zeros(6, 8, dtype=torch.bool); m[0:2, 0:2] = True; m[3:6, 4:8] = True
-        >>> largest_component_box(m)
-        tensor([4, 3, 8, 6])
-    """
-    if connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
-    mask_t = _as_tensor(mask, "mask")
-    if mask_t.dim() < 2:
-        raise ValueError(f"mask must have shape (H, W) or (..., H, W), got {tuple(mask_t.shape)}")
-    masks = mask_t.detach().bool().cpu().numpy()
-    flat = masks.reshape(-1, *masks.shape[-2:])
-    boxes = torch.zeros(flat.shape[0], 4, dtype=torch.long)
-    for i, single in enumerate(flat):
-        labels, count = _label_components(single, connectivity)
-        if count == 0:
-            continue
-        sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-        rows, cols = np.nonzero(labels == (int(np.argmax(sizes)) + 1))
-        boxes[i] = torch.tensor([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
-    return boxes.view(*masks.shape[:-2], 4)
-
-
 def box_iou(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor:
     """IoU of boxes (x0, y0, x1, y1): (N, 4) × (M, 4) → (N, M); two single (4,) boxes → 0-d.
 
     Area = (x1 - x0)(y1 - y0), which counts pixels for the inclusive-exclusive boxes of this module.
     Wraps ``torchvision.ops.box_iou`` in float64; two zero-area boxes (0/0) get IoU 0.
     """
-    a_t = _as_tensor(a, "a").to(torch.float64)
-    b_t = _as_tensor(b, "b").to(torch.float64).to(a_t.device)
+    a_t = as_tensor(a, "a").to(torch.float64)
+    b_t = as_tensor(b, "b").to(torch.float64).to(a_t.device)
     single = a_t.dim() == 1 and b_t.dim() == 1
     if a_t.shape[-1:] != (4,) or b_t.shape[-1:] != (4,) or a_t.dim() > 2 or b_t.dim() > 2:
         raise ValueError(f"boxes must be (4,) or (N, 4), got {tuple(a_t.shape)} and {tuple(b_t.shape)}")
@@ -426,7 +226,7 @@ def corloc(
         ...                                                       torch.tensor([[5, 5, 9, 9]])])
         0.5
     """
-    pred = _as_tensor(pred_boxes, "pred_boxes")
+    pred = as_tensor(pred_boxes, "pred_boxes")
     if pred.dim() != 2 or pred.shape[-1] != 4:
         raise ValueError(f"pred_boxes must have shape (N, 4), got {tuple(pred.shape)}")
     if len(gt_boxes_per_image) != pred.shape[0]:
@@ -436,7 +236,7 @@ def corloc(
         raise ValueError("corloc of zero images is undefined: pass at least one image")
     hits = 0
     for i, gt in enumerate(gt_boxes_per_image):
-        gt_t = _as_tensor(gt, "gt boxes").reshape(-1, 4)
+        gt_t = as_tensor(gt, "gt boxes").reshape(-1, 4)
         if gt_t.shape[0] == 0:
             raise ValueError(f"image {i} has no gt box: CorLoc is only defined for images with an object; "
                              "drop such images")
@@ -448,7 +248,7 @@ def corloc(
 
 
 def _image_maps(map_: torch.Tensor | np.ndarray, index: int) -> torch.Tensor:
-    map_t = _check_map(map_, f"maps[{index}]")
+    map_t = as_map(map_, f"maps[{index}]")
     if map_t.dim() == 2:
         map_t = map_t.unsqueeze(0)
     if map_t.dim() != 3:
@@ -464,17 +264,20 @@ def _score_heads(
     keep: float,
     thresholds: Sequence[float] | None,
     criterion: Criterion,
-    upsample_mode: Literal["nearest", "bilinear"],
+    upsample_mode: UpsampleMode,
     connectivity: Literal[4, 8],
 ) -> dict[str, torch.Tensor]:
-    """Per-head metrics of one image: heads (C, h, w) on the patch grid, gt (H, W) → (C,) tensors."""
+    """Per-head metrics of one image: heads (C, h, w) on the patch grid, gt (H, W) → (C,) tensors (and the
+    (C, T) threshold curve with its (T,) levels)."""
     size = tuple(gt.shape)
     mass_masks = mass_mask_at_size(heads, size, keep, upsample_mode)
     pred_boxes = largest_component_box(mass_masks, connectivity)  # (C, 4)
-    curve, _ = threshold_jaccard_curve(heads, gt, thresholds, criterion, ignore, upsample_mode)
+    curve, levels = threshold_jaccard_curve(heads, gt, thresholds, criterion, ignore, upsample_mode)
     return {
         "jaccard_mass": jaccard(mass_masks, gt, ignore),
+        "jaccard_best_threshold": best_of_curve(curve, levels)[0],
         "jaccard_curve": curve,  # (C, T): kept to pick one dataset-wide threshold later
+        "levels": levels,
         "corloc": (box_iou(pred_boxes, gt_boxes).amax(dim=-1) >= CORLOC_IOU).to(torch.float64),
     }
 
@@ -487,7 +290,7 @@ def evaluate_maps(
     keep: float = 0.6,
     thresholds: Sequence[float] | None = None,
     criterion: Criterion = "value",
-    upsample_mode: Literal["nearest", "bilinear"] = "nearest",
+    upsample_mode: UpsampleMode = "nearest",
     connectivity: Literal[4, 8] = 8,
     ignore_masks: Sequence[torch.Tensor | np.ndarray] | torch.Tensor | None = None,
 ) -> dict:
@@ -497,7 +300,7 @@ def evaluate_maps(
     ``upsample_mode`` (``nearest``: DINO's order, cut on the grid, upsample the mask):
       * ``jaccard_mass``: J(mass_mask_at_size(a, keep), G)                (DINO's 60%-mass mask)
       * ``jaccard_best_threshold``: max_t J(a > t, G), t chosen per image (oracle, see
-        :func:`best_threshold_jaccard`; ``criterion`` picks value or mass thresholds)
+        :func:`best_of_curve`; ``criterion`` picks value or mass thresholds)
       * ``jaccard_dataset_threshold``: mean_i J(a_i > t*, G_i) at the single t* that maximises the
         dataset mean (a fair, non-oracle counterpart); ``dataset_threshold`` gives t*
       * ``corloc``: box of the largest component of the mass mask has IoU ≥ 0.5 with a gt box
@@ -542,14 +345,14 @@ def evaluate_maps(
         elif heads.shape[0] != num_heads:
             raise ValueError(f"maps[{i}] has {heads.shape[0]} heads, maps[0] has {num_heads}; "
                              "all images need the same heads")
-        gt = _as_tensor(gt_masks[i], f"gt_masks[{i}]").detach().cpu().bool()
+        gt = as_tensor(gt_masks[i], f"gt_masks[{i}]").detach().cpu().bool()
         if gt.dim() != 2:
             raise ValueError(f"gt_masks[{i}] must be (H, W), got {tuple(gt.shape)}")
-        ignore = None if ignore_masks is None else _as_tensor(ignore_masks[i], "ignore").cpu().bool()
+        ignore = None if ignore_masks is None else as_tensor(ignore_masks[i], "ignore").cpu().bool()
         if gt_boxes is None:
             boxes = mask_to_box(gt).view(1, 4)
         else:
-            boxes = _as_tensor(gt_boxes[i], f"gt_boxes[{i}]").reshape(-1, 4)
+            boxes = as_tensor(gt_boxes[i], f"gt_boxes[{i}]").reshape(-1, 4)
         if boxes.shape[0] == 0 or (gt_boxes is None and not bool(gt.any())):
             raise ValueError(f"image {i} has an empty gt mask / no gt box; drop images without objects")
         # Heads first, then the head-averaged map as one extra "head" so it is scored identically.
@@ -563,19 +366,13 @@ def evaluate_maps(
 
     jaccard_mass = mean_over_images("jaccard_mass")  # (C + 1,)
     curves = mean_over_images("jaccard_curve")  # (C + 1, T): dataset-mean Jaccard per threshold
-    best_threshold = torch.stack([s["jaccard_curve"].amax(dim=-1) for s in per_image]).mean(dim=0)
-    dataset_index = curves.argmax(dim=-1)
-    dataset_jaccard = curves.gather(-1, dataset_index.unsqueeze(-1)).squeeze(-1)
-    levels = torch.as_tensor(list(thresholds) if thresholds is not None else
-                             (DEFAULT_VALUE_THRESHOLDS if criterion == "value" else DEFAULT_MASS_THRESHOLDS),
-                             dtype=torch.float64)
-    corloc_rate = mean_over_images("corloc")
+    dataset_jaccard, dataset_threshold = best_of_curve(curves, per_image[0]["levels"])
     columns = {
         "jaccard_mass": jaccard_mass,
-        "jaccard_best_threshold": best_threshold,
+        "jaccard_best_threshold": mean_over_images("jaccard_best_threshold"),
         "jaccard_dataset_threshold": dataset_jaccard,
-        "dataset_threshold": levels[dataset_index],
-        "corloc": corloc_rate,
+        "dataset_threshold": dataset_threshold,
+        "corloc": mean_over_images("corloc"),
     }
 
     def row(index: int) -> dict[str, float]:

@@ -48,10 +48,12 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
+from torchvision import transforms
 
 from simpool.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
-from simpool.data.masks import tight_box
+from simpool.data.masks import MaskSample, mask_to_box
 
 __all__ = [
     "MASK_THRESHOLD",
@@ -65,6 +67,7 @@ __all__ = [
     "render_fashion_on_photo",
     "make_fashion_on_photos",
     "FashionOnPhotosDataset",
+    "mask_samples",
     "write_voc_style",
 ]
 
@@ -212,7 +215,8 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(hue, saturation, value), dtype=np.float64)
 
 
-def _check_image_size(image_size: int) -> None:
+def _check_recipe(split: str, image_size: int) -> None:
+    _check_split(split)
     if not isinstance(image_size, int) or image_size < 16:
         raise ValueError(f"image_size must be an int >= 16 (items are 60-90% of it), got {image_size!r}")
 
@@ -225,8 +229,7 @@ def render_fashion_on_photo(
     fashion_root: str | Path | None = None,
 ) -> FashionOnPhotosSample:
     """Render sample ``index`` of the (seed, split) benchmark; see the module docstring for the recipe."""
-    _check_split(split)
-    _check_image_size(image_size)
+    _check_recipe(split, image_size)
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be non-negative ints, got index={index}, seed={seed}")
     items, labels = load_fashion_mnist(split, fashion_root)
@@ -254,7 +257,7 @@ def render_fashion_on_photo(
     # Outside the mask alpha is 0; take the photo's bytes themselves so "unchanged" is exact.
     image = np.where(mask[:, :, None], blended, background)
     return FashionOnPhotosSample(
-        image=image, mask=mask, box=tight_box(mask), label=int(labels[fashion_index]),
+        image=image, mask=mask, box=mask_to_box(mask).numpy(), label=int(labels[fashion_index]),
         background=background, photo=photo_name, crop=crop, flipped=flipped, fashion_index=fashion_index,
         item_box=(left, top, left + item_side, top + item_side),
     )
@@ -290,8 +293,7 @@ def make_fashion_on_photos(
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    _check_split(split)
-    _check_image_size(image_size)
+    _check_recipe(split, image_size)
     samples = [render_fashion_on_photo(i, image_size, seed, split, fashion_root) for i in range(n)]
     if as_pil:
         images: torch.Tensor | list[Image.Image] = [Image.fromarray(s.image) for s in samples]
@@ -306,10 +308,19 @@ def make_fashion_on_photos(
     )
 
 
-def _default_eval_transform() -> Callable[[Image.Image], torch.Tensor]:
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    from torchvision import transforms
+def mask_samples(n: int, image_size: int = 96, seed: int = 0, split: Split = "test") -> list[MaskSample]:
+    """Samples 0 … n-1 as :class:`simpool.data.masks.MaskSample` items (one object each, no void pixels), the
+    form the attention scores read VOC and COCO data in."""
+    samples = []
+    for i in range(n):
+        rendered = render_fashion_on_photo(i, image_size=image_size, seed=seed, split=split)
+        mask = torch.from_numpy(rendered.mask)
+        samples.append(MaskSample(name=f"{i:06d}", image=Image.fromarray(rendered.image), mask=mask,
+                                  void=torch.zeros_like(mask), boxes=torch.from_numpy(rendered.box).view(1, 4)))
+    return samples
 
+
+def _default_eval_transform() -> Callable[[Image.Image], torch.Tensor]:
     normalize = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     return transforms.Compose([transforms.ToTensor(), normalize])
 
@@ -346,8 +357,7 @@ class FashionOnPhotosDataset(Dataset):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' (image, label) or 'eval' (tensor, mask, box), "
                              f"got {mode!r}")
-        _check_split(split)
-        _check_image_size(image_size)
+        _check_recipe(split, image_size)
         self.n, self.image_size, self.seed, self.split, self.mode = n, image_size, seed, split, mode
         self.fashion_root = fashion_root
         self.transform = transform if transform is not None or mode == "train" else _default_eval_transform()
