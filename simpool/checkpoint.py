@@ -27,6 +27,8 @@ import torch
 from timm.models.convnext import checkpoint_filter_fn as convnext_filter_fn
 from torch import nn
 
+from simpool.models import AUTO_GAMMA, default_gamma
+
 log = logging.getLogger(__name__)
 
 # Our own checkpoints carry this key; anything without it was written by DINO / the SimPool fork.
@@ -214,9 +216,7 @@ def _warn_on_args_conflict(model: nn.Module, args: dict[str, Any], path: Any) ->
     if getattr(model, "mode", None) != "simpool" or "gamma" not in args:
         return
     recorded, ours = args["gamma"], getattr(model, "gamma", None)
-    if recorded == "auto":  # our trainer's "the arch's default" (see simpool.dino.config)
-        from simpool.models import default_gamma
-
+    if recorded == AUTO_GAMMA:  # the run asked for the arch's default
         recorded = default_gamma(args.get("arch", getattr(model, "arch", "")))
         if recorded is None:
             return
