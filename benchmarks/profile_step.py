@@ -1,6 +1,6 @@
 """Where does the DINO step spend its time? torch.profiler over a few steps of the code train_dino.py runs.
 
-Builds the same step as ``benchmarks/train_step.py`` (``simpool.dino.train.build_dino_step``, synthetic crops on the
+Builds the same step as ``benchmarks/train_step.py`` (``simpool.dino.build.build_dino_step``, synthetic crops on the
 device), warms it up, profiles ``--steps`` steps and prints the ``--top`` operators by self device time (CUDA) or
 self CPU time (CPU), then the share of the step spent in broad groups (matmuls, attention, normalisation,
 elementwise, optimizer, copies/casts). Optionally writes a Chrome trace (open it in https://ui.perfetto.dev).

@@ -1,6 +1,6 @@
 """Images/s and peak memory of the DINO training step: ours against reference settings, in the same run.
 
-"ours" is exactly what ``train_dino.py`` runs (``simpool.dino.train.build_dino_step``): fused SDPA attention,
+"ours" is exactly what ``train_dino.py`` runs (``simpool.dino.build.build_dino_step``): fused SDPA attention,
 bf16 autocast, fused AdamW, foreach EMA and clipping, no host sync per step, torch.compile on CUDA.
 "reference settings" is the same model and step code with what the reference does instead: no fused attention,
 no compile, fp32 (or fp16 with a GradScaler), and a host sync (``loss.item()``) after every step.
@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from simpool.dino.build import build_dino_step
 from simpool.dino.config import parse_args
 from simpool.dino.step import DINOStep, StepSchedule, unwrap
-from simpool.dino.train import build_dino_step
 from simpool.distributed import DistInfo
 from simpool.models import arch_family
 

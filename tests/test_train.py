@@ -158,10 +158,10 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     ],
 )
 def test_bad_flags_fail_before_any_model_is_built(tmp_path, flags, message, capsys, monkeypatch):
-    import simpool.dino.train as train
+    import simpool.dino.build as build
 
     built = []
-    monkeypatch.setattr(train, "build_student_teacher", lambda *a, **k: built.append(1))
+    monkeypatch.setattr(build, "build_student_teacher", lambda *a, **k: built.append(1))
     base = [*TINY, "--data_path", str(tmp_path), "--output_dir", str(tmp_path / "out")]
     assert main([*base, *flags]) == 2
     assert message in capsys.readouterr().err

@@ -12,6 +12,8 @@
   ``cpu`` (``DataAugmentationDINO``, per image in the loader workers), ``batched`` (``GPUMultiCrop``, the same
   views for a whole batch on the device).
 - ``checkpointing``: seeds, RNG states for exact resume, the preemption flag.
+- ``build``: student and teacher, DDP / compile wrappers, the multi-crop loader and the ``DINOStep``, from the
+  flags (shared by ``train`` and ``benchmarks/train_step.py``).
 - ``config``: the flags of ``train_dino.py`` and ``--config`` YAML files.
 - ``train``: the driver (``Trainer``: epoch loop, checkpoints, online k-NN); not imported here, as it loads
   the evaluation layer.

@@ -1,6 +1,7 @@
 """DINO pretraining driver: set-up, the epoch loop, checkpoints and exact resume, preemption, online k-NN.
 
-The iteration itself lives in ``simpool.dino.step.DINOStep``; this module feeds it and keeps the run safe:
+The iteration itself lives in ``simpool.dino.step.DINOStep`` and what it is built from in ``simpool.dino.build``;
+this module feeds it and keeps the run safe:
 
 * ``output_dir/checkpoint.pth`` every epoch (and every ``--save_every_steps``), written atomically, holding
   student, teacher, optimizer, loss scaler, loss centre, epoch, iteration, args and RNG states. Relaunching the
@@ -22,31 +23,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader
 
 from simpool.checkpoint import FORMAT_KEY, FORMAT_VERSION, CheckpointError, atomic_save, safe_load
-from simpool.data import (
-    DataError,
-    ResumableDistributedSampler,
-    build_dataset,
-    build_labelled_splits,
-    collate_skip_bad,
-    seed_worker,
-)
-from simpool.dino.augment import DataAugmentationDINO, DecodeForGPU, GPUMultiCrop, collate_padded_skip_bad
+from simpool.data import DataError, build_labelled_splits
+from simpool.dino.augment import GPUMultiCrop
+from simpool.dino.build import build_dino_step, build_train_loader, use_gpu_augment
 from simpool.dino.checkpointing import PreemptionFlag, rng_state, set_rng_state, set_seeds
 from simpool.dino.config import ConfigError, args_to_yaml, parse_args, resolve_precision
-from simpool.dino.head import DINOHead, MultiCropWrapper
-from simpool.dino.loss import DINOLoss
-from simpool.dino.optim import build_optimizer, get_params_groups
 from simpool.dino.schedules import cosine_scheduler, scaled_lr, teacher_temp_schedule
-from simpool.dino.step import DINOStep, StepSchedule, unwrap
-from simpool.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from simpool.dino.step import StepSchedule, unwrap
+from simpool.distributed import all_reduce_sum, barrier, init_distributed
 from simpool.evaluation.features import eval_transform, evenly_spaced_subset, extract_features
 from simpool.evaluation.knn import knn_on_features
 from simpool.logs import setup_logging
-from simpool.models import build_backbone
 from simpool.run_log import RunLogger, Throughput, format_seconds, peak_memory_gib
 
 log = logging.getLogger(__name__)
@@ -54,97 +43,6 @@ log = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
     """Too many consecutive non-finite losses: the run stops and says which checkpoint is the last good one."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# building blocks
-# ----------------------------------------------------------------------------------------------------------
-def build_student_teacher(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn.Module, int]:
-    """Student and teacher MultiCropWrappers with identical initial weights (the teacher has no drop path)."""
-    gamma = args.gamma  # "auto" (the arch's default), None or a float
-    overrides = dict(args.model_overrides or {})
-    student_backbone = build_backbone(
-        args.arch,
-        mode=args.mode,
-        gamma=gamma,
-        patch_size=args.patch_size,
-        drop_path_rate=args.drop_path_rate,
-        **overrides,
-    )
-    teacher_backbone = build_backbone(args.arch, mode=args.mode, gamma=gamma, patch_size=args.patch_size, **overrides)
-    embed_dim = student_backbone.embed_dim
-    head_kwargs = {"use_bn": args.use_bn_in_head, "nlayers": args.head_nlayers, "hidden_dim": args.head_hidden_dim,
-                   "bottleneck_dim": args.head_bottleneck_dim}
-    student_head = DINOHead(embed_dim, args.out_dim, norm_last_layer=args.norm_last_layer, **head_kwargs)
-    student = MultiCropWrapper(student_backbone, student_head)
-    teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, args.out_dim, **head_kwargs))
-    student, teacher = student.to(device), teacher.to(device)
-    if device.type == "cuda" and student_backbone.is_convnet:
-        student = student.to(memory_format=torch.channels_last)
-        teacher = teacher.to(memory_format=torch.channels_last)
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
-    return student, teacher, embed_dim
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def wrap_for_training(student: nn.Module, teacher: nn.Module, dist_info: DistInfo, compile_models: bool):
-    """SyncBatchNorm + DDP when distributed; torch.compile when asked. Returns (student, teacher)."""
-    if dist_info.world_size > 1:
-        if dist_info.device.type == "cuda" and has_batchnorm(student):
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-        student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
-        # DDP broadcast rank 0's weights to the student; the teacher starts from the same ones.
-        teacher.load_state_dict(student.module.state_dict())
-    if compile_models:
-        student, teacher = torch.compile(student), torch.compile(teacher)
-    return student, teacher
-
-
-def use_gpu_augment(args: argparse.Namespace, device: torch.device) -> bool:
-    """The batched multi-crop runs on the GPU by default on CUDA; CPU workers then only decode."""
-    return args.gpu_augment if args.gpu_augment is not None else device.type == "cuda"
-
-
-def build_train_loader(args: argparse.Namespace, dist_info: DistInfo) -> tuple[DataLoader, ResumableDistributedSampler]:
-    """Shuffled, resumable loader; crops made by the workers (CPU path) or later on the device (GPU path)."""
-    if use_gpu_augment(args, dist_info.device):
-        transform, collate = DecodeForGPU(), collate_padded_skip_bad
-    else:
-        transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                         global_crops_size=args.global_crops_size,
-                                         local_crops_size=args.local_crops_size)
-        collate = collate_skip_bad
-    dataset = build_dataset(args.data_path, "train", transform=transform,
-                            subset=args.subset if args.subset > 0 else None)
-    if len(dataset) < args.batch_size_per_gpu * dist_info.world_size:
-        raise DataError(f"{args.data_path} holds {len(dataset)} images, fewer than one global batch "
-                        f"({args.batch_size_per_gpu} x {dist_info.world_size}); lower --batch_size_per_gpu")
-    sampler = ResumableDistributedSampler(dataset, batch_size=args.batch_size_per_gpu,
-                                          num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                          shuffle=True, seed=args.seed, drop_last=True)
-    generator = torch.Generator().manual_seed(args.seed + dist_info.rank)
-    loader = DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
-                        num_workers=args.num_workers, pin_memory=dist_info.device.type == "cuda",
-                        drop_last=True, collate_fn=collate, worker_init_fn=seed_worker,
-                        generator=generator, persistent_workers=False)
-    return loader, sampler
-
-
-def build_dino_step(args: argparse.Namespace, dist_info: DistInfo, precision: str,
-                    compile_models: bool) -> DINOStep:
-    """Student, teacher, loss and optimizer wired into one ``DINOStep`` (shared with benchmarks/train_step.py)."""
-    student, teacher, _ = build_student_teacher(args, dist_info.device)
-    student, teacher = wrap_for_training(student, teacher, dist_info, compile_models)
-    loss_fn = DINOLoss(args.out_dim, args.local_crops_number + 2).to(dist_info.device)
-    optimizer = build_optimizer(args.optimizer, get_params_groups(unwrap(student)))
-    return DINOStep(student, teacher, loss_fn, optimizer, precision=precision, clip_grad=args.clip_grad)
 
 
 # ----------------------------------------------------------------------------------------------------------
