@@ -53,7 +53,7 @@ class RunLogger:
         self.bar = None
         self.wandb = None
         if enabled and wandb_project:
-            import wandb
+            import wandb  # imported only when asked for: it takes seconds and starts a service
 
             self.wandb = wandb.init(project=wandb_project, name=wandb_name, config=config, dir=str(output_dir),
                                     resume="allow")
@@ -69,7 +69,7 @@ class RunLogger:
 
     def start_epoch(self, epoch: int, epochs: int, total: int, initial: int = 0) -> None:
         if self.interactive:
-            from tqdm import tqdm
+            from tqdm import tqdm  # only for an interactive terminal
 
             self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True)
 

@@ -28,7 +28,7 @@ from simpool.models import build_backbone
 
 def build_student_teacher(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn.Module, int]:
     """Student and teacher MultiCropWrappers with identical initial weights (the teacher has no drop path)."""
-    gamma = args.gamma  # "auto" (the arch's default), None or a float
+    gamma = args.gamma  # AUTO_GAMMA (the arch's default), None or a float
     overrides = dict(args.model_overrides or {})
     student_backbone = build_backbone(
         args.arch,

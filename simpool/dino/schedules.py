@@ -6,7 +6,9 @@
 
     v_i = final + (base - final) * (1 + cos(pi * i / n)) / 2,    i = 0 .. n - 1
 
-so the last value is just above ``final_value`` (as in the reference).
+so the last value is just above ``final_value`` (as in the reference). Plain numpy arrays rather than
+``torch.optim.lr_scheduler``: the same arrays drive lr, weight decay, teacher momentum and temperature (not only
+optimizer lrs), are indexed by iteration on resume, and equal the reference's to the last bit.
 
 Example (ViT-S recipe, 100 epochs, batch 800):
     >>> lr = cosine_scheduler(scaled_lr(5e-4, 800), 1e-5, 100, niter_per_ep, warmup_epochs=10)

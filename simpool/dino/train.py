@@ -35,6 +35,7 @@ from simpool.dino.step import StepSchedule, unwrap
 from simpool.distributed import all_reduce_sum, barrier, init_distributed
 from simpool.evaluation.features import eval_transform, evenly_spaced_subset, extract_features
 from simpool.evaluation.knn import knn_on_features
+from simpool.flags import bad_input
 from simpool.logs import setup_logging
 from simpool.run_log import RunLogger, Throughput, format_seconds, peak_memory_gib
 
@@ -369,13 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         trainer = Trainer(args)
     except (ConfigError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return bad_input(err)
     try:
         stats = trainer.fit()
     except TrainingStopped as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return bad_input(err, code=1)
     if stats.get("preempted"):
         return 0
     if trainer.dist.is_main and "knn" in stats and "knn_baselines" in stats:
