@@ -19,6 +19,8 @@ import sys
 __all__ = ["setup_logging"]
 
 ROOT = "simpool"
+# A driver run as ``python -m simpool.evaluation.attention`` logs as "__main__", outside the "simpool" tree.
+ROOTS = (ROOT, "__main__")
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -31,13 +33,15 @@ class _StdoutHandler(logging.StreamHandler):
 
 
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> logging.Logger:
-    """Route the ``simpool`` loggers to stdout: ``level`` and above on rank 0, warnings and errors elsewhere."""
-    logger = logging.getLogger(ROOT)
-    for handler in [h for h in logger.handlers if isinstance(h, _StdoutHandler)]:
-        logger.removeHandler(handler)
-    handler = _StdoutHandler()
-    handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level if rank == 0 else logging.WARNING)
-    logger.propagate = False
-    return logger
+    """Route the ``simpool`` loggers (and ``__main__``'s, for ``python -m``) to stdout: ``level`` and above on
+    rank 0, warnings and errors elsewhere."""
+    for name in ROOTS:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, _StdoutHandler)]:
+            logger.removeHandler(handler)
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level if rank == 0 else logging.WARNING)
+        logger.propagate = False
+    return logging.getLogger(ROOT)
