@@ -139,7 +139,7 @@ def require_data_path(args: argparse.Namespace) -> None:
 # set-up
 # ----------------------------------------------------------------------------------------------------------
 def setup_distributed(args: argparse.Namespace) -> DistInfo:
-    """Join the launcher's process group (or run alone) and pick this process's device."""
+    """Join the launcher's process group (or run alone), pick this process's device, route logging by rank."""
     dist_info = init_distributed(args.dist_url)
     setup_logging(dist_info.rank)
     if dist_info.device.type == "cuda":

@@ -72,7 +72,6 @@ from simpool.evaluation.linear_probe import (
     train_transform,
 )
 from simpool.flags import bad_input, bool_flag
-from simpool.logs import setup_logging
 
 log = logging.getLogger("simpool.evaluation.run_linear")  # not __name__: "__main__" under python -m
 
@@ -154,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         return bad_input(err)
     dist_info = setup_distributed(args)
-    setup_logging(dist_info.rank)
     device, output_dir = dist_info.device, Path(args.output_dir)
     checkpoint = output_dir / CHECKPOINT_FILE
     try:
