@@ -82,6 +82,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
         nargs="*",
         help="timm keywords for the backbone, e.g. depth=4 embed_dim=96 num_heads=3",
     )
+    add(g, "--pretrained_weights", default=None, type=str,
+        help="start from these weights (checkpoint, backbone-only file or export folder); a checkpoint "
+             "in output_dir still wins (resume)")
+    add(g, "--checkpoint_key", default="teacher", choices=["teacher", "student"],
+        help="which network of a full --pretrained_weights checkpoint both student and teacher start from")
 
     g = p.add_argument_group("temperatures")
     add(g, "--warmup_teacher_temp", default=0.04, type=float, help="initial teacher temperature")

@@ -30,6 +30,7 @@ from simpool.dino.augment import GPUMultiCrop
 from simpool.dino.build import build_dino_step, build_train_loader, use_gpu_augment
 from simpool.dino.checkpointing import PreemptionFlag, rng_state, set_rng_state, set_seeds
 from simpool.dino.config import ConfigError, args_to_yaml, parse_args, resolve_precision
+from simpool.dino.init_from import apply_init_weights, read_init_weights
 from simpool.dino.schedules import cosine_scheduler, scaled_lr, teacher_temp_schedule
 from simpool.dino.step import StepSchedule, unwrap
 from simpool.distributed import all_reduce_sum, barrier, init_distributed
@@ -64,6 +65,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        init_weights = read_init_weights(args, self.checkpoint_path)  # --pretrained_weights, before any write
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "args.yaml").write_text(args_to_yaml(args))
@@ -108,6 +110,9 @@ class Trainer:
             config=vars(args),
         )
         self.resumed = self.maybe_resume()
+        if init_weights is not None:  # None when resuming: the checkpoint in output_dir wins
+            for note in apply_init_weights(init_weights, unwrap(self.student), unwrap(self.teacher), self.loss_fn):
+                self.log.print(note)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
