@@ -167,7 +167,10 @@ def _build(recorded: dict[str, Any], source: str, arch: str | None, mode: str | 
     patch_size = int(patch_size or recorded.get("patch_size") or 16)
     # An inference copy: no stochastic depth unless asked for (a no-op in eval mode, but export records it).
     kwargs = {"drop_path_rate": 0.0, **dict(recorded.get("model_overrides") or {}), **overrides}
-    return build_backbone(arch, mode=mode, gamma=gamma, patch_size=patch_size, **kwargs)
+    model = build_backbone(arch, mode=mode, gamma=gamma, patch_size=patch_size, **kwargs)
+    if recorded.get("pos_embed_resampling") and hasattr(model, "pos_embed_resampling"):
+        model.pos_embed_resampling = recorded["pos_embed_resampling"]  # a run that kept the reference's rule
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -137,6 +137,14 @@ def test_checkpoint_in_output_dir_wins_over_pretrained_weights(reference_dir, im
     out_text = capsys.readouterr().out
     assert run.resumed and "not read: resuming from" in out_text
     assert all(torch.equal(v, saved[k]) for k, v in unwrap(run.teacher).state_dict().items())
+    # The reference position-embedding rule the run started with survives the resume and reaches load_model.
+    teacher = unwrap(run.teacher).backbone.eval()
+    assert teacher.pos_embed_resampling == "reference"
+    loaded, _ = load_model(out / "checkpoint.pth")
+    assert loaded.pos_embed_resampling == "reference"
+    images = torch.load(reference_dir / "inputs.pt", weights_only=True)["images224"]
+    with torch.no_grad():
+        assert torch.equal(loaded(images), teacher(images))
 
 
 @pytest.mark.parametrize(("weights", "extra", "message"), [

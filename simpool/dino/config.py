@@ -87,6 +87,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
              "in output_dir still wins (resume)")
     add(g, "--checkpoint_key", default="teacher", choices=["teacher", "student"],
         help="which network of a full --pretrained_weights checkpoint both student and teacher start from")
+    add(g, "--pos_embed_resampling", default=None, choices=["exact", "reference"],
+        help="ViT position-embedding rule (default exact; set to reference by reference-format --pretrained_weights)")
 
     g = p.add_argument_group("temperatures")
     add(g, "--warmup_teacher_temp", default=0.04, type=float, help="initial teacher temperature")

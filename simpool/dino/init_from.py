@@ -19,7 +19,7 @@ Two phases, so that bad weights stop the run (exit 2) before anything is written
 
     >>> init = read_init_weights(args, output_dir / "checkpoint.pth")  # reads and checks PATH; None if resuming
     >>> ...build student, teacher, loss...
-    >>> notes = apply_init_weights(init, unwrap(student), unwrap(teacher), loss_fn)
+    >>> notes = apply_init_weights(args, init, unwrap(student), unwrap(teacher), loss_fn)
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from simpool.checkpoint import CheckpointError, load_backbone_weights, load_pretrained, safe_load, select_state_dict
-from simpool.loading import is_export_dir, load_backbone
+from simpool.loading import _recorded_args, is_export_dir, load_backbone
 from simpool.models import build_backbone
 
 __all__ = ["InitWeights", "apply_init_weights", "head_state_dict", "read_init_weights"]
@@ -83,24 +83,35 @@ def _run_backbone(args: argparse.Namespace) -> nn.Module:
 def read_init_weights(args: argparse.Namespace, resume_checkpoint: str | Path) -> InitWeights | None:
     """Read ``args.pretrained_weights`` and check its backbone fits the flags; None when there is nothing to do.
 
-    Nothing to do: no ``--pretrained_weights``, or ``resume_checkpoint`` exists (resume wins). Raises
+    Nothing to do: no ``--pretrained_weights``, or ``resume_checkpoint`` exists (resume wins). Also sets
+    ``args.pos_embed_resampling`` to the ViT rule the weights need (or, when resuming, the one the run
+    recorded), so that ``args.yaml``, the checkpoints' ``args`` and ``load_model`` keep it. Raises
     :class:`CheckpointError` (exit 2 in ``train_dino.py``) for a missing or unreadable file, a folder that
     is no export, a missing ``--checkpoint_key``, or weights that do not fit ``--arch`` / ``--mode``.
     """
-    weights = getattr(args, "pretrained_weights", None)
-    if not weights:
-        return None
     if Path(resume_checkpoint).is_file():
-        log.info("--pretrained_weights %s not read: resuming from %s", weights, resume_checkpoint)
+        recorded = _recorded_args(resume_checkpoint).get("pos_embed_resampling")
+        args.pos_embed_resampling = args.pos_embed_resampling or recorded
+        if args.pretrained_weights:
+            log.info("--pretrained_weights %s not read: resuming from %s", args.pretrained_weights, resume_checkpoint)
         return None
-    path = Path(weights)
+    if not args.pretrained_weights:
+        return None
+    path = Path(args.pretrained_weights)
     if path.is_dir():
         if not is_export_dir(path):
-            raise CheckpointError(f"--pretrained_weights {weights!r} is a folder without config.json: pass a "
+            raise CheckpointError(f"--pretrained_weights {str(path)!r} is a folder without config.json: pass a "
                                   "checkpoint file or a folder written by utils/export_backbone.py")
-        return _read_export(args, path)
-    if not path.is_file():
-        raise CheckpointError(f"--pretrained_weights {weights!r} does not exist: check the path")
+        init = _read_export(args, path)
+    elif not path.is_file():
+        raise CheckpointError(f"--pretrained_weights {str(path)!r} does not exist: check the path")
+    else:
+        init = _read_checkpoint(args, path)
+    args.pos_embed_resampling = args.pos_embed_resampling or init.pos_embed_resampling
+    return init
+
+
+def _read_checkpoint(args: argparse.Namespace, path: Path) -> InitWeights:
     checkpoint = safe_load(path)  # CheckpointError for files that are no weights-only torch checkpoint
     state_dict, key = select_state_dict(checkpoint, args.checkpoint_key)
     backbone = _run_backbone(args)
@@ -136,17 +147,22 @@ def _head_misfit(head: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
 
 
 @torch.no_grad()
-def apply_init_weights(init: InitWeights, student: nn.Module, teacher: nn.Module, loss_fn: nn.Module) -> list[str]:
+def apply_init_weights(args: argparse.Namespace, init: InitWeights | None, student: nn.Module, teacher: nn.Module,
+                       loss_fn: nn.Module) -> list[str]:
     """Copy ``init`` into the (unwrapped) student and teacher ``MultiCropWrapper``s and the loss; returns notes.
 
-    Both backbones get the same weights and position-embedding rule; both heads get ``init.head`` when it
-    fits the student's head, else keep their (identical) fresh initialisation; the loss centre follows the head.
+    Both backbones get the same weights and ``args.pos_embed_resampling`` (also when resuming); both heads
+    get ``init.head`` when it fits the student's head, else keep their (identical) fresh initialisation; the
+    loss centre follows the head.
     """
+    for net in (student, teacher):
+        if args.pos_embed_resampling and hasattr(net.backbone, "pos_embed_resampling"):
+            net.backbone.pos_embed_resampling = args.pos_embed_resampling
+    if init is None:
+        return []
     notes = [init.describe()]
     for net in (student, teacher):
         net.backbone.load_state_dict(init.backbone, strict=True)
-        if init.pos_embed_resampling is not None:
-            net.backbone.pos_embed_resampling = init.pos_embed_resampling
     if init.head is None:
         notes.append(f"{init.path} holds no DINO head: student and teacher heads start fresh")
         return notes

@@ -110,9 +110,8 @@ class Trainer:
             config=vars(args),
         )
         self.resumed = self.maybe_resume()
-        if init_weights is not None:  # None when resuming: the checkpoint in output_dir wins
-            for note in apply_init_weights(init_weights, unwrap(self.student), unwrap(self.teacher), self.loss_fn):
-                self.log.print(note)
+        for note in apply_init_weights(args, init_weights, unwrap(self.student), unwrap(self.teacher), self.loss_fn):
+            self.log.print(note)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
