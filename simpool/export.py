@@ -45,13 +45,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from simpool.checkpoint import safe_load
 from simpool.loading import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE, is_export_dir, load_model
 
-__all__ = ["TIMM_WEIGHTS_FILE", "export_backbone", "timm_equivalent", "training_summary"]
+__all__ = ["CLASSIFIER_FILE", "TIMM_WEIGHTS_FILE", "export_backbone", "timm_equivalent", "training_summary"]
 
 log = logging.getLogger(__name__)
 
 TIMM_WEIGHTS_FILE = "timm_model.safetensors"
+# Checkpoints of finetune.py also carry a linear head ("head.weight"/"head.bias" beside "backbone.*" in "model").
+CLASSIFIER_FILE = "classifier.safetensors"
 
 # Training flags worth keeping next to the weights: enough to tell runs apart and to cite the recipe.
 TRAINING_SUMMARY_KEYS = (
@@ -117,6 +120,17 @@ def _check_timm_accepts(name: str, kwargs: dict[str, Any], state_dict: dict[str,
     reference.load_state_dict(state_dict, strict=True)
 
 
+def _export_classifier(checkpoint: str | os.PathLike, out: Path) -> dict[str, Any] | None:
+    """A finetune.py checkpoint's linear head -> OUT_DIR/classifier.safetensors; None for other checkpoints."""
+    state = safe_load(checkpoint)
+    info = state.get("classifier") if isinstance(state, dict) else None
+    if not isinstance(info, dict):
+        return None
+    head = {k.removeprefix("head."): v.contiguous() for k, v in state["model"].items() if k.startswith("head.")}
+    save_file(head, str(out / CLASSIFIER_FILE), metadata={"format": "pt"})
+    return {"file": CLASSIFIER_FILE, "num_classes": int(head["weight"].shape[0]), **_jsonable(info)}
+
+
 def export_backbone(
     checkpoint: str | os.PathLike, out_dir: str | os.PathLike, which: str = "teacher", **model_args: Any
 ) -> Path:
@@ -168,6 +182,7 @@ def export_backbone(
             "epoch": loaded.epoch,
         },
         "training": training_summary(loaded.args),
+        "classifier": _export_classifier(checkpoint, out),
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     log.info("exported %s %s (%s mode) to %s", which, model.arch, model.mode, out)

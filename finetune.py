@@ -1,0 +1,16 @@
+"""Supervised fine-tuning of a pretrained backbone with a linear head on its pooled feature.
+
+    python finetune.py --config configs/finetune_vit.yaml --pretrained_weights runs/vits/checkpoint.pth \
+        --data_path /data/mydataset --output_dir runs/ft
+    torchrun --nproc_per_node=8 finetune.py --config configs/finetune_resnet.yaml --random_init \
+        --arch resnet50 --mode simpool --data_path /imagenet --output_dir runs/rsb
+
+The run is simpool/finetune/main.py; the flags simpool/finetune/config.py.
+"""
+
+import sys
+
+from simpool.finetune.main import main
+
+if __name__ == "__main__":
+    sys.exit(main())
