@@ -164,3 +164,22 @@ def test_shipped_finetune_configs_parse_and_name_their_source(family):
     args = parse_finetune_args(["--config", str(path), "--random_init", "--data_path", "fashion-mnist"])
     assert args.epochs > 0 and args.lr > 0
     assert "Source:" in path.read_text()
+
+
+def test_randaugment_posterize_at_magnitude_10_is_refused_early_and_mmax9_runs(capsys):
+    """timm's increasing posterize keeps 0 bits at magnitude 10, which this Pillow refuses mid-epoch."""
+    from timm.data import rand_augment_transform
+
+    image = Image.fromarray(np.full((28, 28, 3), 128, dtype=np.uint8))
+    crashing = rand_augment_transform("rand-m10-n3-inc1", {})
+    clipped = rand_augment_transform("rand-m10-n3-inc1-mmax9", {})
+    for _ in range(100):  # 3 of 15 ops per image: posterize is drawn many times
+        clipped(image)
+    from simpool.finetune.config import posterize_needs_mmax9
+
+    if posterize_needs_mmax9("rand-m9-mstd0.5-inc1"):
+        with pytest.raises(ValueError, match="bits must be"):
+            for _ in range(100):
+                crashing(image)
+        assert main([*MODEL, "--data_path", "fashion-mnist", "--aa", "rand-m9-mstd0.5-inc1"]) == 2
+        assert "append -mmax9" in capsys.readouterr().err

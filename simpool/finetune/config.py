@@ -14,9 +14,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
+from PIL import Image, ImageOps
 from timm.optim import list_optimizers
 
 from simpool.dino.config import ConfigError, load_yaml_flags
@@ -49,8 +51,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
     g.add_argument("--std", default=(0.229, 0.224, 0.225), type=float, nargs=3, help="normalisation std")
 
     g = p.add_argument_group("augmentation (timm.data.create_transform)")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", type=str,
-                   help="timm auto-augment policy (RandAugment 'rand-m9-mstd0.5-inc1'); 'none' disables")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1-mmax9", type=str,
+                   help="timm auto-augment policy (DeiT's RandAugment 'rand-m9-mstd0.5-inc1', magnitudes clipped "
+                        "at 9: see posterize_needs_mmax9); 'none' disables")
     g.add_argument("--scale", default=(0.08, 1.0), type=float, nargs=2, help="RandomResizedCrop scale")
     g.add_argument("--hflip", default=0.5, type=float, help="horizontal flip probability")
     g.add_argument("--color_jitter", default=0.4, type=float, help="colour jitter (timm ignores it with --aa)")
@@ -118,6 +121,22 @@ def parse_finetune_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def posterize_needs_mmax9(policy: str) -> bool:
+    """True when ``policy`` would crash this Pillow: timm's increasing posterize keeps 4 - int(4 m / 10) bits,
+    0 bits at magnitude 10, which Pillow 13 refuses (``ValueError: bits must be between ... 1 and 8``) where older
+    versions returned a black image; ``mstd0.5`` reaches 10 in ~2% of draws at m9. ``-mmax9`` clips magnitudes at 9."""
+    if "inc1" not in policy:
+        return False
+    mmax = re.search(r"-mmax(\d+)", policy)
+    if mmax and int(mmax.group(1)) < 10:
+        return False
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+    except ValueError:
+        return True
+    return False
+
+
 def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup_prob > 0 and (args.mixup > 0 or args.cutmix > 0)
 
@@ -142,6 +161,9 @@ def validate(args: argparse.Namespace) -> None:
     if args.opt.lower() not in list_optimizers():
         raise FinetuneSetupError(f"--opt {args.opt!r} is not a timm optimizer: use e.g. adamw, lamb, sgd "
                                  "(timm.optim.list_optimizers())")
+    if posterize_needs_mmax9(str(args.aa)):
+        raise FinetuneSetupError(f"--aa {args.aa}: with this Pillow, timm's posterize crashes at magnitude 10; "
+                                 f"append -mmax9 (e.g. --aa {args.aa}-mmax9)")
     if not args.lr > 0:
         raise FinetuneSetupError(f"--lr must be positive, got {args.lr}")
     if not 0 < args.layer_decay <= 1:
