@@ -179,7 +179,7 @@ class FineTuneRun:
         self.sampler.set_epoch(epoch, start_batch=start_batch)
         self.loader.generator.manual_seed(self.args.seed + 7919 * epoch + self.dist.rank)  # worker seeds
         self.train_model.train()
-        loss_sum, steps = torch.zeros((), device=self.device), 0
+        loss_sum, steps, epoch_start = torch.zeros((), device=self.device), 0, time.perf_counter()
         self.log.start_epoch(epoch, self.args.epochs, niter, initial=start_batch)
         for batch_index, (images, labels, _) in enumerate(self.loader, start=start_batch):
             if images is None:
@@ -192,7 +192,9 @@ class FineTuneRun:
             steps += 1
             done = batch_index + 1
             if done % self.args.log_every == 0 or done == niter:
-                self.log.progress(done, niter, epoch, {"loss": (loss_sum / steps).item(), "lr": lr},
+                remaining = self.args.epochs * niter - self.iteration  # training steps; evaluation not counted
+                eta = (time.perf_counter() - epoch_start) / steps * remaining
+                self.log.progress(done, niter, epoch, {"loss": (loss_sum / steps).item(), "lr": lr, "eta_s": eta},
                                   step=self.iteration)
             if done != niter and self.stop_requested():
                 self.save()
