@@ -114,6 +114,19 @@ def test_mismatched_head_is_reported_and_initialised_fresh(reference_dir, images
     assert not torch.equal(unwrap(run.teacher).backbone.pos_embed, unwrap(scratch.teacher).backbone.pos_embed)
 
 
+def test_timm_state_dict_classifier_is_not_taken_for_a_dino_head(reference_dir, images, tmp_path, capsys):
+    state = torch.load(reference_dir / "vit_official_backbone.pth", weights_only=True)
+    state = {**state, "head.weight": torch.randn(1000, 192), "head.bias": torch.zeros(1000)}  # timm's classifier
+    torch.save(state, tmp_path / "timm_vit.pth")
+    flags, output = SOURCES["vit_official_backbone.pth"]
+    run = trainer(images, tmp_path / "run", [*flags, "--pretrained_weights", str(tmp_path / "timm_vit.pth")])
+    assert "holds no DINO head: student and teacher heads start fresh" in capsys.readouterr().out
+    inputs = torch.load(reference_dir / "inputs.pt", weights_only=True)["images224"]
+    expected = torch.load(reference_dir / "outputs.pt", weights_only=True)[output]
+    with torch.no_grad():
+        torch.testing.assert_close(unwrap(run.teacher).backbone.eval()(inputs), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_export_folder_initialises_the_run(reference_dir, images, tmp_path, capsys):
     flags, output = SOURCES["vit_official_backbone.pth"]
     folder = export_backbone(reference_dir / "vit_official_backbone.pth", tmp_path / "export",

@@ -59,14 +59,19 @@ class InitWeights:
 
 
 def head_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The DINO head's entries of a network's state dict (``head.*``, DDP/compile prefixes stripped)."""
-    out = {}
+    """The DINO head's entries of a network's state dict (``head.*``, DDP/compile prefixes stripped).
+
+    Only a MultiCropWrapper layout (``backbone.*`` beside ``head.*``) has a DINO head: a timm state dict's
+    ``head.weight`` / ``head.bias`` are its classifier (dropped, as ``load_pretrained`` does).
+    """
+    stripped = {}
     for key, value in state_dict.items():
         for prefix in ("module.", "_orig_mod."):
             key = key.removeprefix(prefix)
-        if key.startswith("head."):
-            out[key.removeprefix("head.")] = value
-    return out
+        stripped[key] = value
+    if not any(key.startswith("backbone.") for key in stripped):
+        return {}
+    return {key.removeprefix("head."): value for key, value in stripped.items() if key.startswith("head.")}
 
 
 def _run_backbone(args: argparse.Namespace) -> nn.Module:
