@@ -183,3 +183,26 @@ def test_randaugment_posterize_at_magnitude_10_is_refused_early_and_mmax9_runs(c
                 crashing(image)
         assert main([*MODEL, "--data_path", "fashion-mnist", "--aa", "rand-m9-mstd0.5-inc1"]) == 2
         assert "append -mmax9" in capsys.readouterr().err
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "finetune.py"), *FASHION_TINY, "--epochs", "200",
+                             "--output_dir", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 0 [2/5]"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, output
+    assert "stopped after iteration" in output
+    assert 2 <= torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] < 1000
+    result = subprocess.run([sys.executable, str(REPO / "finetune.py"), *FASHION_TINY, "--epochs", "1",
+                             "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "resumed from" in result.stdout, result.stderr[-2000:]
