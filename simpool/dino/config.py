@@ -145,6 +145,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
     add(g, "--save_every_steps", default=0, type=int, help="also save checkpoint.pth every N iterations")
     add(g, "--exit_after_iterations", default=0, type=int,
                    help="save and exit (code 0) once this many iterations are done; relaunch to continue")
+    add(g, "--resume_from", default=None, type=str,
+        help="resume from this checkpoint when output_dir/checkpoint.pth is missing or unreadable")
     add(g, "--seed", default=0, type=int, help="random seed")
     add(g, "--num_workers", default=10, type=int, help="data loading workers per process")
     add(g, "--eval_every", default=5, type=int, help="online k-NN every N epochs (0: only at the end)")
