@@ -268,8 +268,8 @@ class Trainer:
                 torch.manual_seed(self.args.seed + self.dist.rank + self.iteration)
         self.last_good_checkpoint = str(self.resume_source)
         self.log.print(
-            f"resumed from {self.resume_source} at epoch {self.epoch}, sample {self.epoch_sample} of "
-            f"{self.dataset_size}, iteration {self.iteration}"
+            f"resumed from {self.resume_source} at epoch {self.epoch}, iteration {self.iteration} "
+            f"(sample {self.epoch_sample} of the epoch's {self.dataset_size})"
         )
         self.log_geometry_change(state)
 
@@ -313,7 +313,7 @@ class Trainer:
             epoch = self.epoch
             if self.agree_to_stop():  # e.g. a signal during set-up
                 self.save()
-                return self.stop(f"preempted ({self.preempt.signal_name or 'another rank'}) before epoch {epoch}")
+                return self.stop("preempted")
             train_stats, stop_reason = self.train_one_epoch(epoch)
             if train_stats is None:  # stopped mid-epoch: checkpoint written, exit cleanly
                 return self.stop(stop_reason)
@@ -329,10 +329,12 @@ class Trainer:
     def stop(self, reason: str) -> dict[str, Any]:
         """Leave after a clean save: say where the checkpoint is and how to continue."""
         if "--exit_after_iterations" in reason:
-            how = (f"to continue, relaunch with --exit_after_iterations above {self.iteration}, or without it")
+            how = f"to continue, relaunch with --exit_after_iterations above {self.iteration}, or without it"
         else:
             how = "relaunch the same command to resume"
-        self.log.print(f"{reason}: saved {self.checkpoint_path}, exiting; {how}")
+            reason = f"{reason} ({self.preempt.signal_name or 'a signal to another rank'})"
+        self.log.print(f"{reason}: saved {self.checkpoint_path} at epoch {self.epoch}, iteration {self.iteration}, "
+                       f"exiting; {how}")
         self.log.finish()
         return {"preempted": True}
 
@@ -471,7 +473,7 @@ class Trainer:
                 self.check_finite(consecutive_bad)
                 self.report(epoch, done, niter, sums, max(steps, 1), meter, epoch_start)
             if on_any[0]:
-                stop_reason = f"preempted ({self.preempt.signal_name or 'signal on another rank'})"
+                stop_reason = "preempted"
             elif self.reached_exit_iteration():
                 stop_reason = f"stopped after iteration {self.iteration} (--exit_after_iterations)"
             if stop_reason is not None and not last:
