@@ -136,7 +136,7 @@ class ResumableDistributedSampler(DistributedSampler):
     def _rest(self) -> list[int]:
         rest = self._epoch_order()[self.start_sample :]
         if self.drop_last:
-            return rest[: len(rest) // self.num_replicas * self.num_replicas]
+            return rest[: len(rest) // self.global_batch * self.global_batch]
         if rest and len(rest) % self.num_replicas:
             padding = self.num_replicas - len(rest) % self.num_replicas
             rest += (rest * (padding // len(rest) + 1))[:padding]
@@ -148,5 +148,5 @@ class ResumableDistributedSampler(DistributedSampler):
     def __len__(self) -> int:
         rest = len(self.dataset) - self.start_sample
         if self.drop_last:
-            return rest // self.num_replicas
+            return rest // self.global_batch * self.batch_size
         return -(-rest // self.num_replicas)
