@@ -421,3 +421,106 @@ def test_yaml_scalars_for_list_flags_read_like_the_command_line(tmp_path):
     config.write_text("data_path: fashion-mnist\narch: vit_tiny\nnb_knn: 5\nmodel_overrides: depth=2\n")
     args = parse_args(["--config", str(config)])
     assert args.nb_knn == [5] and args.model_overrides == {"depth": 2}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. the smaller items
+# ---------------------------------------------------------------------------------------------------------
+def test_16_bit_grey_png_is_scaled_not_clipped_to_white(tmp_path):
+    from simpool.data.images import load_rgb_image
+
+    path = tmp_path / "depth.png"
+    Image.fromarray(np.array([[0, 32768], [65535, 1000]], dtype=np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I")
+    pixels = np.asarray(load_rgb_image(str(path)))
+    assert pixels[..., 0].tolist() == [[0, 128], [255, 4]] and (pixels[..., 0] == pixels[..., 2]).all()
+
+
+def test_linear_probe_refuses_to_resume_onto_other_weights_or_key(tmp_path, capsys):
+    import shutil
+
+    import simpool.evaluation.run_linear as run_linear
+
+    data = _photos(tmp_path / "photos", per_class=3)
+    dino = tmp_path / "dino"
+    assert main([*TINY, "--data_path", str(data), "--epochs", "1", "--output_dir", str(dino)]) == 0
+    weights = dino / "checkpoint.pth"
+    other = tmp_path / "other.pth"
+    shutil.copy(weights, other)
+    probe = tmp_path / "probe"
+    common = ["--data_path", str(data), "--image_size", "16", "--num_workers", "0", "--batch_size_per_gpu", "4",
+              "--epochs", "1", "--output_dir", str(probe)]
+    assert run_linear.main(["--pretrained_weights", str(weights), *common]) == 0
+    capsys.readouterr()
+    assert run_linear.main(["--pretrained_weights", str(weights), "--checkpoint_key", "student", *common]) == 2
+    assert "checkpoint_key teacher (now student)" in capsys.readouterr().err
+    assert run_linear.main(["--pretrained_weights", str(other), *common]) == 2
+    err = capsys.readouterr().err
+    assert "heads trained on other features: weights" in err and "other.pth" in err
+    assert run_linear.main(["--pretrained_weights", str(weights), *common]) == 0  # the same ones: fine
+
+
+def test_visualiser_skips_and_counts_unreadable_images_and_keeps_same_stems_apart(tmp_path, capsys):
+    from simpool.cli.visualize_attention import main as visualize
+    from simpool.models import build_backbone
+
+    model = build_backbone("vit_tiny", mode="simpool", patch_size=8, depth=1, embed_dim=48, num_heads=2)
+    weights = tmp_path / "model.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+                "args": {"arch": "vit_tiny", "mode": "simpool", "patch_size": 8,
+                         "model_overrides": {"depth": 1, "embed_dim": 48, "num_heads": 2}}}, weights)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(images / "photo.jpg")
+    Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(images / "photo.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "viz"
+    code = visualize(["--pretrained_weights", str(weights), "--image_path", str(images), "--output_dir", str(out),
+                      "--image_size", "32", "--device", "cpu"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert sorted(p.name for p in out.iterdir()) == ["photo_jpg", "photo_png"]
+    assert "1 of 3 images skipped as unreadable: broken.jpg" in printed.out
+
+
+def test_load_backbone_and_export_errors_name_the_problem(tmp_path):
+    from safetensors.torch import save_file
+
+    from simpool.export import export_backbone
+    from simpool.loading import WEIGHTS_FILE, load_backbone
+    from simpool.models import build_backbone
+
+    with pytest.raises(ValueError, match="does not exist"):
+        load_backbone(tmp_path / "missing")
+    model = build_backbone("vit_tiny", mode="simpool", patch_size=8, depth=1, embed_dim=48, num_heads=2)
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+                "args": {"arch": "vit_tiny", "mode": "simpool", "patch_size": 8,
+                         "model_overrides": {"depth": 1, "embed_dim": 48, "num_heads": 2}}}, checkpoint)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"afile is a file, not a folder"):
+        export_backbone(checkpoint, tmp_path / "afile" / "export")
+    out = export_backbone(checkpoint, tmp_path / "export")
+    data = (out / WEIGHTS_FILE).read_bytes()
+    (out / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match="cannot be read .*damaged or incomplete"):
+        load_backbone(out)
+    save_file({"x": torch.zeros(1)}, str(out / WEIGHTS_FILE))  # readable again: the usual key check applies
+    with pytest.raises(ValueError, match="missing keys"):
+        load_backbone(out)
+
+
+def test_submit_local_wait_returns_the_jobs_exit_code(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("submitit")
+    from tests.test_submit import LAUNCHER_VARIABLES, load_submit_module
+
+    submit = load_submit_module()
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    code = submit.main(["--local", "--wait", "--ngpus", "0", "--cpus_per_task", "1", "--timeout", "5",
+                        "--output_dir", str(tmp_path / "job"), "--", *TINY, "--data_path", "/nonexistent/data"])
+    out = capsys.readouterr().out
+    assert code == 2, out
+    assert "returned 2" in out
