@@ -200,6 +200,23 @@ def test_incompatible_relaunch_exits_2_naming_each_flag_before_writing_anything(
     assert "--out_dim 64 -> 128" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
     assert after == before  # args.yaml included
+    assert main([*FASHION_TINY, "--epochs", "2", "--output_dir", str(out), "--subset", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "another data set (20 images then, 30 now" in err and "--subset 2 -> 3" in err, err
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+
+
+def test_a_moved_copy_of_the_data_set_resumes(tmp_path, capsys):
+    import shutil
+
+    data = _photos(tmp_path / "photos")
+    out = tmp_path / "run"
+    flags = [*TINY, "--epochs", "1", "--output_dir", str(out)]
+    assert main([*flags, "--data_path", str(data), "--exit_after_iterations", "1"]) == 0
+    moved = shutil.copytree(data, tmp_path / "scratch" / "photos")
+    assert main([*flags, "--data_path", str(moved)]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert state_of(out / "checkpoint.pth")["iteration"] == 3
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -87,11 +87,11 @@ class PreemptionFlag:
 # ----------------------------------------------------------------------------------------------------------
 # what a resume can and cannot change
 # ----------------------------------------------------------------------------------------------------------
-# Flags whose change a resume cannot honour: they change the weights' shapes or meaning, the optimizer state,
-# or which images an epoch is made of. Everything else (processes, nodes, batch size, lr, crops...) may change.
+# Flags whose change a resume cannot honour: they change the weights' shapes or meaning or the optimizer state.
+# The data set is compared by content (``simpool.data.dataset_fingerprint``), so a moved copy may resume.
+# Everything else (processes, nodes, batch size, lr, crops...) may change.
 INCOMPATIBLE_FLAGS = ("arch", "mode", "gamma", "patch_size", "model_overrides", "out_dim", "head_hidden_dim",
-                      "head_bottleneck_dim", "head_nlayers", "use_bn_in_head", "norm_last_layer", "optimizer",
-                      "data_path", "subset")
+                      "head_bottleneck_dim", "head_nlayers", "use_bn_in_head", "norm_last_layer", "optimizer")
 
 
 def _comparable(name: str, value: Any, arch: Any) -> Any:

@@ -34,7 +34,7 @@ from simpool.checkpoint import (
     remove_stale_temp_files,
     safe_load,
 )
-from simpool.data import DataError, build_labelled_splits
+from simpool.data import DataError, build_labelled_splits, dataset_fingerprint
 from simpool.dino.augment import GPUMultiCrop
 from simpool.dino.build import build_dino_step, build_train_loader, use_gpu_augment
 from simpool.dino.checkpointing import (
@@ -102,12 +102,16 @@ class Trainer:
 
         self.loader, self.sampler = build_train_loader(args, self.dist)  # fails early on bad data paths
         self.dataset_size = len(self.sampler.dataset)
-        saved_size = (resume_state or {}).get("dataset_size")
-        if saved_size is not None and saved_size != self.dataset_size:
+        self.dataset_fingerprint = dataset_fingerprint(self.sampler.dataset)
+        saved = resume_state or {}
+        if saved.get("dataset_fingerprint", self.dataset_fingerprint) != self.dataset_fingerprint:
+            old_args = saved.get("args", {})
+            flags = [f"--{name} {old_args.get(name)} -> {getattr(args, name)}" for name in ("data_path", "subset")
+                     if old_args.get(name, getattr(args, name)) != getattr(args, name)]
             raise ConfigError(
-                f"{self.resume_source} was trained on {saved_size} images of --data_path {args.data_path}, which "
-                f"now holds {self.dataset_size}: the epochs' order cannot continue. Restore the data set, or use "
-                "another --output_dir"
+                f"{self.resume_source} was trained on another data set ({saved.get('dataset_size')} images then, "
+                f"{self.dataset_size} now, or other files{': ' + ', '.join(flags) if flags else ''}): the epoch's "
+                "order cannot continue. Restore the data set or those flags, or use another --output_dir"
             )
         self.niter_per_epoch = self.dataset_size // self.samples_per_step
         if self.niter_per_epoch < 1:
@@ -197,6 +201,7 @@ class Trainer:
             "samples_per_step": self.samples_per_step,
             "world_size": self.dist.world_size,
             "dataset_size": self.dataset_size,
+            "dataset_fingerprint": self.dataset_fingerprint,
             "pending_epoch_end": self.pending_epoch_end,
             "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.args).items()},
             "rng": rng_state(),
