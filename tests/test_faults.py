@@ -541,3 +541,48 @@ def test_submit_local_wait_returns_the_jobs_exit_code(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert code == 2, out
     assert "returned 2" in out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# soak (make test-slow): random SIGKILLs, mid-save included, end on the uninterrupted run's weights
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@needs_fashion
+def test_random_sigkills_even_mid_save_end_on_the_uninterrupted_weights(tmp_path):
+    from tests.test_train import assert_same_weights, teacher
+
+    flags = [*FASHION_TINY, "--epochs", "3", "--save_every_steps", "1"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_cli([*flags, "--output_dir", str(full)]).returncode == 0
+    rng = np.random.default_rng(0)
+    kills = 0
+    for attempt in range(9):  # 8 kills at random moments after the first step, then a run to the end
+        proc = start([*flags, "--output_dir", str(killed)])
+        try:
+            if attempt == 8:
+                proc.communicate(timeout=300)
+                assert proc.returncode == 0
+                break
+            for line in proc.stdout:  # wait for this attempt's first step
+                if "  loss " in line:
+                    break
+            time.sleep(float(rng.uniform(0.0, 1.5)))  # a step and its save take ~0.1-0.5 s here
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                kills += 1
+            proc.wait()
+        finally:
+            proc.stdout.close()
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert kills >= 4
+    assert_same_weights(teacher(full / "checkpoint.pth"), teacher(killed / "checkpoint.pth"))
+    assert not list(killed.glob(".*.tmp"))
+    epochs = []
+    for line in (killed / "log.txt").read_text().splitlines():
+        try:
+            epochs.append(json.loads(line)["epoch"])
+        except json.JSONDecodeError:  # a line cut by a kill; its epoch was logged again
+            continue
+    assert sorted(set(epochs)) == [0, 1, 2]
