@@ -118,7 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--qos", default=None)
     p.add_argument("--constraint", default=None)
     p.add_argument("--local", action="store_true", help="run here with submitit's LocalExecutor (testing)")
-    p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p.add_argument("--wait", action="store_true", help="wait for the job; exit with its exit code")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train_dino.py flags")
     return p
 
@@ -179,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"submitted job {job.job_id}; logs in {Path(args.output_dir) / 'submitit' / str(job.job_id)}")
     if args.wait:
-        print(f"job {job.job_id} returned {job.result()}")
+        try:
+            code = job.result()
+        except Exception as err:  # submitit's FailedJobError/UncompletedJobError: the job raised or was killed
+            print(f"error: job {job.job_id} failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err}",
+                  file=sys.stderr)
+            return 1
+        print(f"job {job.job_id} returned {code}")
+        return code if isinstance(code, int) else 0
     return 0
 
 

@@ -11,7 +11,8 @@
 #   RDZV_ID          the same on every node of one run, different between runs (default: simpool_<NNODES>)
 #   NGPUS            processes per node (default: every visible GPU)
 #   SCRIPT           train_dino.py (default), eval_knn.py or eval_linear.py; PYTHON (default: python)
-# torchrun's c10d rendezvous assigns node ranks itself, so no NODE_RANK is needed.
+# torchrun's c10d rendezvous assigns node ranks itself, so no NODE_RANK is needed. launch/torchrun.py is torchrun
+# except that SIGTERM/SIGUSR1 ending in a clean checkpoint save exit 0 (requeue), not 1.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ if [[ -z "${NGPUS:-}" ]]; then
     NGPUS=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
 
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" launch/torchrun.py \
     --nnodes="$NNODES" \
     --nproc_per_node="$NGPUS" \
     --rdzv_backend=c10d \

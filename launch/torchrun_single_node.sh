@@ -6,7 +6,8 @@
 #
 # Environment: NGPUS (default: every visible GPU, or 1), SCRIPT (train_dino.py, eval_knn.py, eval_linear.py;
 # default train_dino.py), PYTHON (default: python). Everything else goes to SCRIPT. --standalone picks a free
-# local rendezvous port, so several single-node runs can share a machine.
+# local rendezvous port, so several single-node runs can share a machine. launch/torchrun.py is torchrun with
+# one difference: SIGTERM/SIGUSR1 that ended in a clean checkpoint save exit 0 (requeue), not 1.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -16,4 +17,4 @@ if [[ -z "${NGPUS:-}" ]]; then
     NGPUS=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NGPUS" "$SCRIPT" "$@"
+exec "$PYTHON" launch/torchrun.py --standalone --nnodes=1 --nproc_per_node="$NGPUS" "$SCRIPT" "$@"

@@ -15,9 +15,12 @@ an ``argparse.Namespace`` under ``args``; that one class is allow-listed.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
-import tempfile
+import re
+import secrets
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,25 +76,94 @@ def args_as_dict(args: Any) -> dict[str, Any]:
     return dict(args) if isinstance(args, dict) else {}
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, no permission); the message names the path and the free
+    space, and says that the previous file at that path is unchanged."""
+
+
+# Temporary names atomic_save writes beside the target: ".<name>.<pid>-<random>.tmp".
+# (and mkstemp's ".<name>.<8 random>.tmp" of earlier versions).
+_TEMP_NAME = re.compile(r"^\..+\.(\d+-[0-9a-f]{8}|[a-z0-9_]{8})\.tmp$")
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**20:.1f} MiB free on its file system"
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err``: torch.save reports a failed write as RuntimeError("unexpected pos"), with
+    the real OSError (ENOSPC, EDQUOT, EIO...) as its ``__context__``."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _write_error(path: Path, err: BaseException) -> CheckpointWriteError:
+    os_error = _os_error_in(err)
+    if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason, fix = "the disk is full", "free space there or pick another output folder"
+    elif os_error is not None and os_error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason, fix = "no permission to write there", "make the folder writable or pick another output folder"
+    else:
+        reason, fix = str(os_error or err), "check the folder"
+    before = f"{path.name} is unchanged" if path.exists() else f"{path.name} was not created"
+    return CheckpointWriteError(f"cannot write {path} ({reason}; {_free_space(path.parent)}); {before}: {fix}")
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` with ``torch.save`` so that ``path`` is always either the old or the new complete file.
 
-    The bytes go to a temporary file in the same folder, are flushed to disk, and replace ``path`` with one
-    ``os.replace`` (atomic on POSIX). A crash or kill mid-write leaves the previous checkpoint untouched.
+    The bytes go to a temporary file ``.<name>.<pid>-<random>.tmp`` in the same folder, are flushed to disk,
+    and replace ``path`` with one ``os.replace`` (atomic on POSIX). A crash or kill mid-write leaves the previous
+    file untouched (and at worst the temporary one, which ``remove_stale_temp_files`` deletes). The file gets
+    mode ``0o666 & ~umask`` like any file the process creates (``mkstemp``'s 0600 would lock a shared run folder
+    away from the group). A full disk or a missing permission raises :class:`CheckpointWriteError` naming the
+    path and the free space.
+
+    Example:
+        >>> atomic_save({"model": model.state_dict()}, "runs/a/checkpoint.pth")
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    except OSError as err:
+        raise _write_error(path, err) from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError | RuntimeError) and _os_error_in(err) is not None:
+            raise _write_error(path, err) from None
         raise
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files ``atomic_save`` leaves behind when a process is killed mid-write.
+
+    Call it where no other process is writing into ``folder`` (a run's rank 0 at start-up). Returns the
+    removed paths.
+    """
+    removed = []
+    for candidate in Path(folder).glob(".*.tmp"):
+        if _TEMP_NAME.match(candidate.name) and candidate.is_file():
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
 
 
 def select_state_dict(checkpoint: Any, checkpoint_key: str | None) -> tuple[dict[str, torch.Tensor], str | None]:

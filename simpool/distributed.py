@@ -107,6 +107,37 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+_control_group: dict[str, object] = {}
+
+
+def control_group():
+    """A gloo group over all ranks for small CPU-side decisions (None: the default group is gloo already).
+
+    Deciding on the CPU ("does every rank have a batch?", "did any rank get SIGTERM?") needs no device
+    synchronisation: an all-reduce of a CPU tensor over gloo does not wait for the GPU's queued work, which
+    an all-reduce over NCCL followed by ``.item()`` would. Collective: every rank must call it the first time.
+    """
+    if not is_distributed() or dist.get_backend() == "gloo":
+        return None
+    if "group" not in _control_group:
+        _control_group["group"] = dist.new_group(backend="gloo")
+    return _control_group["group"]
+
+
+def any_and_all(flags: list[bool]) -> tuple[list[bool], list[bool]]:
+    """For each local flag: (is it set on any rank, is it set on every rank), in one CPU all-reduce.
+
+    Example:
+        >>> on_any, on_all = any_and_all([preempt.raised, batch is not None])
+        >>> preempted, every_rank_has_a_batch = on_any[0], on_all[1]
+    """
+    counts = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int64)
+    if is_distributed():
+        dist.all_reduce(counts, group=control_group())
+    world = get_world_size()
+    return [int(c) > 0 for c in counts], [int(c) == world for c in counts]
+
+
 def all_gather_varlen(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Gather tensors whose first dimension differs between ranks; returns one tensor per rank."""
     if not is_distributed():

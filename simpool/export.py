@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +152,17 @@ def export_backbone(
     model, source = load_model(checkpoint, which, **model_args)
     loaded = source.checkpoint
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(plain_state_dict(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a parent that is a file (NotADirectoryError / FileExistsError)
+        blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else err.strerror
+        raise ValueError(f"cannot create the export folder {out}: {why}; pick another output folder") from None
+    try:
+        save_file(plain_state_dict(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    except OSError as err:
+        free = shutil.disk_usage(out).free / 2**20
+        raise ValueError(f"cannot write {out / WEIGHTS_FILE} ({err.strerror}; {free:.1f} MiB free there)") from None
 
     timm_entry = None
     if model.mode == "official":

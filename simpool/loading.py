@@ -185,11 +185,22 @@ def read_export_config(out_dir: str | os.PathLike) -> dict[str, Any]:
     """The ``config.json`` of an export folder, checked to be ours and not newer than this simpool."""
     folder = Path(out_dir)
     config_path = folder / CONFIG_FILE
+    if not folder.exists():
+        raise ValueError(f"export folder {str(folder)!r} does not exist: check the path, or write one with "
+                         "utils/export_backbone.py")
+    if not folder.is_dir():
+        raise ValueError(f"{str(folder)!r} is a file, not an export folder: load checkpoint files with load_model()")
     if not config_path.is_file():
         raise ValueError(
             f"{str(folder)!r} holds no {CONFIG_FILE}: pass a folder written by utils/export_backbone.py"
         )
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path} cannot be read ({err}): re-run utils/export_backbone.py into "
+                         f"{str(folder)!r}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a simpool export (not a JSON object)")
     if config.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{config_path} is not a simpool export (format {config.get('format')!r})")
     if config.get("format_version", 0) > EXPORT_VERSION:
@@ -219,6 +230,11 @@ def load_backbone(out_dir: str | os.PathLike, device: str | torch.device | None 
     model = build_backbone(config["arch"], mode=config["mode"], gamma=config["gamma"], **config["build_kwargs"])
     if config.get("pos_embed_resampling") is not None:
         model.pos_embed_resampling = config["pos_embed_resampling"]
-    load_backbone_weights(model, load_file(str(weights), device="cpu"))
+    try:
+        state_dict = load_file(str(weights), device="cpu")
+    except Exception as err:  # safetensors raises SafetensorError (not an OSError) for truncated/damaged files
+        raise ValueError(f"{str(weights)!r} cannot be read ({type(err).__name__}: {err}): the export is damaged or "
+                         f"incomplete; re-run utils/export_backbone.py into {str(folder)!r}") from None
+    load_backbone_weights(model, state_dict)
     model.eval()
     return model.to(device) if device is not None else model

@@ -206,7 +206,7 @@ def test_config_file_values_are_converted_like_flags(tmp_path):
     from simpool.dino.config import parse_args
 
     config = tmp_path / "c.yaml"
-    config.write_text("data_path: fashion-mnist\nlr: 1e-3\nmin_lr: 0\nnb_knn: [5, 7]\ngamma: auto\n"
+    config.write_text("data_path: fashion-mnist\narch: vit_small\nlr: 1e-3\nmin_lr: 0\nnb_knn: [5, 7]\ngamma: auto\n"
                       "model_overrides: {depth: 2}\n")
     args = parse_args(["--config", str(config), "--nb_knn", "3"])
     assert args.lr == 1e-3 and isinstance(args.min_lr, float)  # PyYAML reads 1e-3 as a string; float() as a flag

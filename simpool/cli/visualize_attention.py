@@ -14,6 +14,8 @@ averaged. The shorter side of each image is scaled to --image_size and both side
 the patch size (a resize, no crop); every PNG has that size. For each image, OUTPUT_DIR/<image name>/ gets
 image.png, then attention.png + mask.png (one map) or attention_head<i>.png, attention_mean.png and the
 matching mask_*.png (several heads); with --compare also compare_*.png and the side-by-side compare.png.
+Images whose stems clash (photo.jpg, photo.png) get <stem>_<suffix>/ folders; unreadable files are skipped,
+named and counted (exit 2 only when none can be read).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from simpool.data.images import BadSample, load_rgb_image
 from simpool.flags import add_backbone_flags, backbone_flags, bad_input
 from simpool.loading import load_model
 from simpool.logs import setup_logging
@@ -70,6 +73,16 @@ def list_images(path: str | os.PathLike) -> list[Path]:
     raise ValueError(f"--image_path {str(path)!r} does not exist")
 
 
+def output_names(images: list[Path]) -> dict[Path, str]:
+    """Each image's output folder name: its stem, or ``<stem>_<suffix>`` where stems clash (photo.jpg and
+    photo.png would otherwise write into the same folder, the second overwriting the first)."""
+    stems: dict[str, int] = {}
+    for path in images:
+        stems[path.stem] = stems.get(path.stem, 0) + 1
+    return {path: path.stem if stems[path.stem] == 1 else f"{path.stem}_{path.suffix.lstrip('.').lower()}"
+            for path in images}
+
+
 def load_models(args: argparse.Namespace) -> list[tuple[str, torch.nn.Module]]:
     """The model and, with --compare, the second one: (label, model in eval mode on --device) pairs."""
     model, _ = load_model(args.pretrained_weights, args.checkpoint_key, **backbone_flags(args))
@@ -88,10 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images = list_images(args.image_path)
         models = load_models(args)
+        names = output_names(images)
+        skipped = []
         for image_path in images:
-            out = Path(args.output_dir) / image_path.stem
+            decoded = load_rgb_image(str(image_path))
+            if isinstance(decoded, BadSample):  # one bad file must not cost the remaining images
+                log.warning("skipping unreadable image %s: %s", image_path, decoded.reason)
+                skipped.append(image_path.name)
+                continue
+            out = Path(args.output_dir) / names[image_path]
             written = visualize_image(models, image_path, out, args.image_size or None, args.keep)
             log.info("%s: %d PNGs in %s", image_path, len(written), out)
+        if skipped:
+            log.warning("%d of %d images skipped as unreadable: %s", len(skipped), len(images), ", ".join(skipped))
+        if len(skipped) == len(images):
+            raise ValueError(f"none of the {len(images)} image(s) in {args.image_path} could be read")
     except ValueError as err:  # CheckpointError is a ValueError
         return bad_input(err)
     return 0

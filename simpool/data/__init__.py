@@ -11,7 +11,7 @@
 * :mod:`simpool.data.fashion_on_photos`: Fashion-MNIST items pasted on photos, with exact object masks (offline)
 """
 
-from simpool.data.build import build_dataset, build_labelled_splits
+from simpool.data.build import build_dataset, build_labelled_splits, dataset_fingerprint
 from simpool.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FashionMNIST
 from simpool.data.fashion_on_photos import FashionOnPhotosDataset, make_fashion_on_photos, write_voc_style
 from simpool.data.images import (
@@ -41,6 +41,7 @@ __all__ = [
     "UnreadableImageWarning",
     "build_dataset",
     "build_labelled_splits",
+    "dataset_fingerprint",
     "collate_skip_bad",
     "make_fashion_on_photos",
     "mask_to_box",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -127,3 +128,29 @@ def build_labelled_splits(
     train = ImageFolderDataset(train_dir, transform=transform, subset=subset)
     val = ImageFolderDataset(val_dir, transform=val_transform, subset=val_subset)
     return train, val
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """A short hash of which samples ``dataset`` holds, in which order, independent of where it is stored.
+
+    ImageFolder: the file paths relative to the root and their labels; a file list: the listed file names;
+    anything else with ``targets`` (Fashion-MNIST): its length and labels. A moved copy of the same data set
+    (another --data_path on another node) has the same fingerprint; added, removed or renamed files change it.
+
+    Example:
+        >>> fingerprint = dataset_fingerprint
+        >>> fingerprint(build_dataset("/scratch/imagenet")) == fingerprint(build_dataset("/nfs/imagenet"))
+        True
+    """
+    digest = hashlib.sha1(f"{type(dataset).__name__}:{len(dataset)}\n".encode())
+    if hasattr(dataset, "samples") and hasattr(dataset, "root"):
+        prefix = str(dataset.root).rstrip(os.sep) + os.sep
+        lines = (f"{path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, prefix)}\t{label}"
+                 for path, label in dataset.samples)  # slicing, not relpath: ImageNet has 1.28M files
+        digest.update("\n".join(lines).encode())
+    elif hasattr(dataset, "paths"):
+        for path in dataset.paths:
+            digest.update(f"{os.path.basename(path)}\n".encode())
+    elif hasattr(dataset, "targets"):
+        digest.update(",".join(map(str, dataset.targets)).encode())
+    return digest.hexdigest()[:16]

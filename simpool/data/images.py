@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
@@ -82,16 +83,36 @@ def _warn_once(bad: BadSample) -> None:
         )
 
 
+# 16/32-bit integer grey modes: PIL's convert("RGB") clips them to 255 (an all-white image).
+_WIDE_GREY_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of a decoded PIL image; 16-bit grey (PNG) scaled to 8 bits (v * 255 / 65535), not clipped.
+
+    Example:
+        >>> to_rgb(Image.open("depth16.png")).getpixel((0, 0))   # 32768 -> (128, 128, 128)
+    """
+    if image.mode in _WIDE_GREY_MODES:
+        # Hand-written because PIL has no 16 -> 8 bit scaling of its own (``convert`` clips).
+        values = np.asarray(image, dtype=np.float64)
+        top = _WIDE_GREY_MODES[image.mode]
+        grey = np.clip(np.rint(values * 255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")  # uint8 (H, W): mode L
+    return image.convert("RGB")
+
+
 def load_rgb_image(path: str) -> Image.Image | BadSample:
     """Decode ``path`` completely into an RGB PIL image, or return a :class:`BadSample`.
 
     ``Image.open`` only reads the header; ``load()`` decodes all pixel data and raises on a truncated
-    file (as long as ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False, PIL's default).
+    file (as long as ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False, PIL's default). 16-bit grey PNGs are
+    scaled to 8 bits (``to_rgb``).
     """
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except _DECODE_ERRORS as error:
         return BadSample(path=str(path), reason=f"{type(error).__name__}: {error}")
 

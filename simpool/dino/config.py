@@ -15,6 +15,9 @@ command line override it. Bad values stop the run here, before any model or data
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -152,6 +155,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
     add(g, "--save_every_steps", default=0, type=int, help="also save checkpoint.pth every N iterations")
     add(g, "--exit_after_iterations", default=0, type=int,
                    help="save and exit (code 0) once this many iterations are done; relaunch to continue")
+    add(g, "--resume_from", default=None, type=str,
+        help="resume from this checkpoint when output_dir/checkpoint.pth is missing or unreadable")
     add(g, "--seed", default=0, type=int, help="random seed")
     add(g, "--num_workers", default=10, type=int, help="data loading workers per process")
     add(g, "--eval_every", default=5, type=int, help="online k-NN every N epochs (0: only at the end)")
@@ -186,8 +191,19 @@ def _flag_value(action: argparse.Action, value: Any) -> Any:
     """
     if value is None:
         return None
-    if isinstance(value, list | tuple) and action.nargs in ("+", "*"):
-        return [_flag_value(action, item) for item in value]
+    if action.nargs in ("+", "*"):
+        items = list(value) if isinstance(value, list | tuple) else [value]  # `nb_knn: 5` is `--nb_knn 5`
+        if action.nargs == "+" and not items:
+            raise argparse.ArgumentTypeError("expected at least one value, got an empty list")
+        return [_flag_value_one(action, item) for item in items]
+    return _flag_value_one(action, value)
+
+
+def _flag_value_one(action: argparse.Action, value: Any) -> Any:
+    """One value through the flag's ``type`` and ``choices`` (a list or mapping is not one value)."""
+    if isinstance(value, list | tuple | dict) and action.type is not key_value:
+        kind = "mapping" if isinstance(value, dict) else "list"
+        raise argparse.ArgumentTypeError(f"expected a single value, got a {kind}")
     if action.type is not None:
         value = action.type(str(value) if isinstance(value, bool | int | float) else value)
     if action.choices is not None and value not in action.choices:
@@ -200,8 +216,14 @@ def load_yaml_flags(path: str | Path, actions: dict[str, argparse.Action]) -> di
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: {str(path)!r} does not exist")
-    with path.open() as f:
-        values = yaml.load(f, Loader=_YamlLoader) or {}
+    try:
+        with path.open() as f:
+            values = yaml.load(f, Loader=_YamlLoader) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--config: {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of flag names to values")
     unknown = sorted(set(values) - set(actions))
@@ -292,8 +314,60 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--nb_knn values must be positive, got {args.nb_knn}")
     if not args.data_path:
         raise ConfigError("--data_path is required (an ImageFolder, a dataset root with train/, or fashion-mnist)")
-    if arch_family(args.arch) == "vit" and args.global_crops_size % args.patch_size:
-        raise ConfigError(f"--global_crops_size {args.global_crops_size} is not a multiple of --patch_size")
+    if arch_family(args.arch) == "vit":
+        for name in ("global_crops_size", "local_crops_size"):
+            if name == "local_crops_size" and not args.local_crops_number:
+                continue
+            size = getattr(args, name)
+            if size % args.patch_size:
+                raise ConfigError(f"--{name} {size} is not a multiple of --patch_size {args.patch_size}: use "
+                                  f"{max(size // args.patch_size, 1) * args.patch_size} or change --patch_size")
+    _check_numbers(args)
+    _check_model_overrides(args)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Finite values, positive where a zero or negative one divides by zero or makes no sense."""
+    rules = {  # flag: (lowest allowed, is the lowest itself allowed)
+        "lr": (0.0, False), "teacher_temp": (0.0, False), "warmup_teacher_temp": (0.0, False),
+        "temperature": (0.0, False), "min_lr": (0.0, True), "weight_decay": (0.0, True),
+        "weight_decay_end": (0.0, True), "clip_grad": (0.0, True), "drop_path_rate": (0.0, True),
+    }
+    for name, (low, inclusive) in rules.items():
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            what = "a finite number > 0" if not inclusive else "a finite number >= 0"
+            raise ConfigError(f"--{name} must be {what}, got {value}")
+    if args.drop_path_rate >= 1:
+        raise ConfigError(f"--drop_path_rate must be below 1, got {args.drop_path_rate}")
+
+
+def allowed_model_overrides(arch: str) -> set[str] | None:
+    """Keywords the backbone of ``arch`` accepts (its class's and its timm base classes' constructors), or None
+    for other timm models (timm checks those when the model is built)."""
+    if arch not in ARCHS:
+        return None
+    names: set[str] = set()
+    for cls in ARCHS[arch].cls.__mro__:
+        if "__init__" not in vars(cls) or cls.__module__.startswith("torch."):
+            continue
+        for param in inspect.signature(cls.__init__).parameters.values():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and param.name != "self":
+                names.add(param.name)
+    # set by the backbone class or by a flag of their own (--patch_size, --drop_path_rate)
+    return names - {"mode", "gamma", "arch", "num_classes", "global_pool", "class_token", "dynamic_img_size",
+                    "patch_size", "drop_path_rate", "device", "dtype"}
+
+
+def _check_model_overrides(args: argparse.Namespace) -> None:
+    allowed = allowed_model_overrides(args.arch)
+    unknown = sorted(set(args.model_overrides or {}) - allowed) if allowed is not None else []
+    if unknown:
+        close = {k: difflib.get_close_matches(k, allowed, n=1) for k in unknown}
+        hints = ", ".join(f"{k} (did you mean {v[0]}?)" if v else k for k, v in close.items())
+        common = sorted(allowed & {"depth", "embed_dim", "num_heads", "mlp_ratio", "layers", "depths", "dims"})
+        raise ConfigError(f"--model_overrides: {args.arch} does not accept {hints}; it accepts e.g. "
+                          f"{', '.join(common)}")
 
 
 def args_to_yaml(args: argparse.Namespace) -> str:

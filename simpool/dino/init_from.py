@@ -17,7 +17,7 @@ resumes from it and ``PATH`` is not read.
 
 Two phases, so that bad weights stop the run (exit 2) before anything is written to ``output_dir``:
 
-    >>> init = read_init_weights(args, output_dir / "checkpoint.pth")  # reads and checks PATH; None if resuming
+    >>> init = read_init_weights(args, resume_source)  # reads and checks PATH; None when resuming (source not None)
     >>> ...build student, teacher, loss...
     >>> notes = apply_init_weights(args, init, unwrap(student), unwrap(teacher), loss_fn)
 """
@@ -85,16 +85,16 @@ def _run_backbone(args: argparse.Namespace) -> nn.Module:
                               **dict(args.model_overrides or {}))
 
 
-def read_init_weights(args: argparse.Namespace, resume_checkpoint: str | Path) -> InitWeights | None:
+def read_init_weights(args: argparse.Namespace, resume_checkpoint: str | Path | None) -> InitWeights | None:
     """Read ``args.pretrained_weights`` and check its backbone fits the flags; None when there is nothing to do.
 
-    Nothing to do: no ``--pretrained_weights``, or ``resume_checkpoint`` exists (resume wins). Also sets
+    Nothing to do: no ``--pretrained_weights``, or a ``resume_checkpoint`` is given (resume wins). Also sets
     ``args.pos_embed_resampling`` to the ViT rule the weights need (or, when resuming, the one the run
     recorded), so that ``args.yaml``, the checkpoints' ``args`` and ``load_model`` keep it. Raises
     :class:`CheckpointError` (exit 2 in ``train_dino.py``) for a missing or unreadable file, a folder that
     is no export, a missing ``--checkpoint_key``, or weights that do not fit ``--arch`` / ``--mode``.
     """
-    if Path(resume_checkpoint).is_file():
+    if resume_checkpoint is not None:
         recorded = _recorded_args(resume_checkpoint).get("pos_embed_resampling")
         args.pos_embed_resampling = args.pos_embed_resampling or recorded
         if args.pretrained_weights:

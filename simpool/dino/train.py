@@ -14,6 +14,7 @@ this module feeds it and keeps the run safe:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -24,16 +25,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from simpool.checkpoint import FORMAT_KEY, FORMAT_VERSION, CheckpointError, atomic_save, safe_load
-from simpool.data import DataError, build_labelled_splits
+from simpool.checkpoint import (
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointWriteError,
+    atomic_save,
+    remove_stale_temp_files,
+    safe_load,
+)
+from simpool.data import DataError, build_labelled_splits, dataset_fingerprint
 from simpool.dino.augment import GPUMultiCrop
 from simpool.dino.build import build_dino_step, build_train_loader, use_gpu_augment
-from simpool.dino.checkpointing import PreemptionFlag, rng_state, set_rng_state, set_seeds
+from simpool.dino.checkpointing import (
+    PreemptionFlag,
+    incompatible_changes,
+    rng_state,
+    set_rng_state,
+    set_seeds,
+    unreadable_checkpoint_error,
+    write_preemption_marker,
+)
 from simpool.dino.config import ConfigError, args_to_yaml, parse_args, resolve_precision
 from simpool.dino.init_from import apply_init_weights, read_init_weights
 from simpool.dino.schedules import cosine_scheduler, scaled_lr, teacher_temp_schedule
 from simpool.dino.step import StepSchedule, unwrap
-from simpool.distributed import all_reduce_sum, barrier, init_distributed
+from simpool.distributed import all_reduce_sum, any_and_all, barrier, control_group, init_distributed
 from simpool.evaluation.features import eval_transform, evenly_spaced_subset, extract_features
 from simpool.evaluation.knn import knn_on_features
 from simpool.flags import bad_input
@@ -51,11 +68,20 @@ class TrainingStopped(RuntimeError):
 # the run
 # ----------------------------------------------------------------------------------------------------------
 class Trainer:
-    """Owns the models, the schedules and the checkpoint of one run; ``fit()`` trains to the last epoch."""
+    """Owns the models, the schedules and the checkpoint of one run; ``fit()`` trains to the last epoch.
+
+    Progress is ``(epoch, epoch_sample)``: the epoch in progress and how many samples of its global permutation
+    are consumed (see ``ResumableDistributedSampler``). ``iteration`` counts the global steps taken by this run
+    and its predecessors (``--exit_after_iterations``, ``--save_every_steps``, log steps); schedules are indexed
+    by ``schedule_index(epoch, epoch_sample)``, so a relaunch on another number of processes or another batch
+    size continues the same epoch at the same sample with schedules rebuilt for its iteration count.
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
+        self.preempt = PreemptionFlag()  # first: a signal during set-up is remembered, not fatal
         self.args = args
         self.dist = init_distributed(args.dist_url, args.backend)
+        control_group()  # collective: created now, on every rank, before any rank can leave the loop
         setup_logging(self.dist.rank)
         self.device = self.dist.device
         self.output_dir = Path(args.output_dir)
@@ -65,14 +91,44 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        init_weights = read_init_weights(args, self.checkpoint_path)  # --pretrained_weights, before any write
+        # Read and check the checkpoint before anything in output_dir is written (args.yaml included).
+        self.resume_source, resume_state = self.read_resume_state()
+        if resume_state is not None:
+            changes = incompatible_changes(resume_state.get("args", {}), vars(args))
+            if changes:
+                raise ConfigError(
+                    f"{self.resume_source} was trained with other flags, which a resume cannot honour: "
+                    f"{', '.join(changes)}. Relaunch with the old values, or use another --output_dir"
+                )
+        # --pretrained_weights: read and checked before any write; a resumed run ignores it
+        init_weights = read_init_weights(args, self.resume_source)
+
+        self.loader, self.sampler = build_train_loader(args, self.dist)  # fails early on bad data paths
+        self.dataset_size = len(self.sampler.dataset)
+        self.dataset_fingerprint = dataset_fingerprint(self.sampler.dataset)
+        saved = resume_state or {}
+        if saved.get("dataset_fingerprint", self.dataset_fingerprint) != self.dataset_fingerprint:
+            old_args = saved.get("args", {})
+            flags = [f"--{name} {old_args.get(name)} -> {getattr(args, name)}" for name in ("data_path", "subset")
+                     if old_args.get(name, getattr(args, name)) != getattr(args, name)]
+            raise ConfigError(
+                f"{self.resume_source} was trained on another data set ({saved.get('dataset_size')} images then, "
+                f"{self.dataset_size} now, or other files{': ' + ', '.join(flags) if flags else ''}): the epoch's "
+                "order cannot continue. Restore the data set or those flags, or use another --output_dir"
+            )
+        self.niter_per_epoch = self.dataset_size // self.samples_per_step
+        if self.niter_per_epoch < 1:
+            raise DataError(f"{args.data_path} holds {self.dataset_size} images, fewer than one optimizer step "
+                            f"({self.samples_per_step} samples); lower --batch_size_per_gpu")
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            stale = remove_stale_temp_files(self.output_dir)
+            if stale:
+                log.info("removed %d temporary file(s) of interrupted saves: %s", len(stale),
+                         ", ".join(p.name for p in stale))
             (self.output_dir / "args.yaml").write_text(args_to_yaml(args))
         barrier()
 
-        self.loader, self.sampler = build_train_loader(args, self.dist)  # fails early on bad data paths
-        self.niter_per_epoch = len(self.sampler) // args.batch_size_per_gpu
         self.precision = resolve_precision(args, self.device.type == "cuda")
         compile_models = args.compile if args.compile is not None else self.device.type == "cuda"
         self.step = build_dino_step(args, self.dist, self.precision, compile_models)
@@ -84,10 +140,9 @@ class Trainer:
             self.gpu_multicrop = GPUMultiCrop(args.global_crops_scale, args.local_crops_scale,
                                               args.local_crops_number, args.global_crops_size,
                                               args.local_crops_size)
-        global_batch = args.batch_size_per_gpu * self.dist.world_size
         total = args.epochs * self.niter_per_epoch
         self.lr_schedule = cosine_scheduler(
-            scaled_lr(args.lr, global_batch),
+            scaled_lr(args.lr, self.samples_per_step),
             args.min_lr,
             args.epochs,
             self.niter_per_epoch,
@@ -100,8 +155,10 @@ class Trainer:
                                                            self.niter_per_epoch)
         assert len(self.lr_schedule) == len(self.teacher_temp_schedule) == total
         self.iteration = 0
+        self.epoch, self.epoch_sample = 0, 0
+        self.last_index = 0  # schedule index of the latest step
+        self.pending_epoch_end: dict[str, Any] | None = None  # an epoch's bookkeeping not yet in log.txt
         self.last_good_checkpoint: str | None = None
-        self.preempt = PreemptionFlag()
         self.log = RunLogger(
             self.output_dir,
             enabled=self.dist.is_main,
@@ -109,9 +166,30 @@ class Trainer:
             wandb_name=args.wandb_name,
             config=vars(args),
         )
-        self.resumed = self.maybe_resume()
+        self.resumed = resume_state is not None
+        if resume_state is not None:
+            self.resume(resume_state)
         for note in apply_init_weights(args, init_weights, unwrap(self.student), unwrap(self.teacher), self.loss_fn):
             self.log.print(note)
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples one optimizer step consumes over all processes (the one place this is computed)."""
+        return self.args.batch_size_per_gpu * self.dist.world_size * getattr(self.args, "accum_steps", 1)
+
+    @property
+    def samples_per_batch(self) -> int:
+        """Samples one loader batch consumes over all processes (a micro-batch when steps accumulate)."""
+        return self.args.batch_size_per_gpu * self.dist.world_size
+
+    def schedule_index(self, epoch: int, epoch_sample: int) -> int:
+        """Index into the per-iteration schedules of the step that starts at ``epoch_sample`` of ``epoch``.
+
+        ``epoch * niter + epoch_sample // samples_per_step`` (clamped to the epoch): uninterrupted runs get
+        0, 1, 2...; after a change of world size or batch the index continues at the same fraction of training.
+        """
+        within = min(epoch_sample // self.samples_per_step, self.niter_per_epoch - 1)
+        return min(epoch * self.niter_per_epoch + within, self.args.epochs * self.niter_per_epoch - 1)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
@@ -122,8 +200,14 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step.state_dict(),
             "dino_loss": self.loss_fn.state_dict(),
-            "epoch": self.iteration // self.niter_per_epoch,
+            "epoch": self.epoch,
+            "epoch_sample": self.epoch_sample,
             "iteration": self.iteration,
+            "samples_per_step": self.samples_per_step,
+            "world_size": self.dist.world_size,
+            "dataset_size": self.dataset_size,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "pending_epoch_end": self.pending_epoch_end,
             "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.args).items()},
             "rng": rng_state(),
         }
@@ -138,61 +222,189 @@ class Trainer:
             self.last_good_checkpoint = str(self.checkpoint_path)
         barrier()
 
-    def maybe_resume(self) -> bool:
-        if not self.checkpoint_path.is_file():
-            return False
-        state = safe_load(self.checkpoint_path)
+    def read_resume_state(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """(source, content) of the checkpoint to resume from: output_dir/checkpoint.pth, or --resume_from when
+        that is missing or unreadable; (None, None) for a new run. Nothing is written."""
+        resume_from = Path(self.args.resume_from) if self.args.resume_from else None
+        if resume_from is not None and not resume_from.is_file():
+            raise CheckpointError(f"--resume_from {resume_from}: no such file")
+        if self.checkpoint_path.is_file():
+            try:
+                state = safe_load(self.checkpoint_path)
+            except CheckpointError as err:
+                if resume_from is None:
+                    raise unreadable_checkpoint_error(self.checkpoint_path, err) from None
+                log.warning("%s is unreadable (%s): resuming from --resume_from %s", self.checkpoint_path,
+                            str(err).split("\n")[0][:200], resume_from)
+            else:
+                if resume_from is not None:
+                    log.warning("--resume_from %s ignored: %s is readable and newer in this run", resume_from,
+                                self.checkpoint_path)
+                return self.checkpoint_path, state
+        if resume_from is None:
+            return None, None
+        try:
+            return resume_from, safe_load(resume_from)
+        except CheckpointError as err:
+            raise unreadable_checkpoint_error(resume_from, err) from None
+
+    def resume(self, state: dict[str, Any]) -> None:
         if state.get(FORMAT_KEY) != FORMAT_VERSION:
             raise CheckpointError(
-                f"{self.checkpoint_path} was written by another simpool version (format {state.get(FORMAT_KEY)}, "
+                f"{self.resume_source} was written by another simpool version (format {state.get(FORMAT_KEY)}, "
                 f"this one reads {FORMAT_VERSION}): finish that run with the version that started it, or move the "
                 "file away to start a new run in this output_dir"
             )
-        unwrap(self.student).load_state_dict(state["student"])
-        unwrap(self.teacher).load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step.load_state_dict(state.get("step", {}))
-        self.loss_fn.load_state_dict(state["dino_loss"])
+        try:
+            unwrap(self.student).load_state_dict(state["student"])
+            unwrap(self.teacher).load_state_dict(state["teacher"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step.load_state_dict(state.get("step", {}))
+            self.loss_fn.load_state_dict(state["dino_loss"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            first = str(err).strip().split("\n")[0][:300]
+            raise CheckpointError(f"{self.resume_source} does not fit this model ({first}); resume with the flags "
+                                  "of the run that wrote it, or use another --output_dir") from None
         self.iteration = int(state["iteration"])
+        if "epoch_sample" in state:
+            self.epoch, self.epoch_sample = int(state["epoch"]), int(state["epoch_sample"])
+        else:  # older checkpoints: progress in iterations of the geometry that wrote them, assumed unchanged
+            self.epoch = self.iteration // self.niter_per_epoch
+            self.epoch_sample = (self.iteration - self.epoch * self.niter_per_epoch) * self.samples_per_step
+        self.pending_epoch_end = state.get("pending_epoch_end")
         if "rng" in state:
             set_rng_state(state["rng"])
             if self.dist.rank:  # other ranks keep distinct but reproducible streams
                 torch.manual_seed(self.args.seed + self.dist.rank + self.iteration)
-        self.last_good_checkpoint = str(self.checkpoint_path)
+        self.last_good_checkpoint = str(self.resume_source)
         self.log.print(
-            f"resumed from {self.checkpoint_path} at epoch {self.iteration // self.niter_per_epoch}, "
-            f"iteration {self.iteration}"
+            f"resumed from {self.resume_source} at epoch {self.epoch}, iteration {self.iteration} "
+            f"(sample {self.epoch_sample} of the epoch's {self.dataset_size})"
         )
-        return True
+        self.log_geometry_change(state)
+
+    def log_geometry_change(self, state: dict[str, Any]) -> None:
+        """Say what a relaunch changed (processes, batch) and how the schedules were rebuilt for it."""
+        old_args = state.get("args", {})
+        old_world = state.get("world_size")
+        old_step = state.get("samples_per_step")
+        if old_step is None or old_step == self.samples_per_step and old_world == self.dist.world_size:
+            return
+        old_niter = self.dataset_size // old_step
+        old_index = min(self.epoch * old_niter + min(self.epoch_sample // old_step, old_niter - 1),
+                        self.args.epochs * old_niter - 1)
+        old_lr = cosine_scheduler(scaled_lr(old_args.get("lr", self.args.lr), old_step), self.args.min_lr,
+                                  self.args.epochs, old_niter, warmup_epochs=self.args.warmup_epochs)[old_index]
+        new_lr = self.lr_schedule[self.schedule_index(self.epoch, self.epoch_sample)]
+        self.log.print(
+            f"elastic resume: processes {old_world} -> {self.dist.world_size}, batch_size_per_gpu "
+            f"{old_args.get('batch_size_per_gpu')} -> {self.args.batch_size_per_gpu}, samples per step {old_step} "
+            f"-> {self.samples_per_step}; schedules rebuilt for {self.niter_per_epoch} iterations per epoch "
+            f"(was {old_niter}); epoch {self.epoch} continues at sample {self.epoch_sample}; lr at the join "
+            f"{old_lr:.4g} -> {new_lr:.4g} (linear scaling with the global batch)"
+        )
 
     # -- training ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         args = self.args
         last_stats: dict[str, Any] = {}
+        if self.pending_epoch_end is not None:  # a kill interrupted that epoch's log line / k-NN: redo them
+            last_stats.update(self.finish_interrupted_epoch())
         if not self.resumed and args.knn_baselines:
             last_stats["knn_baselines"] = self.knn_baselines()
-        start_epoch = self.iteration // self.niter_per_epoch
+        if self.epoch < args.epochs and self.reached_exit_iteration():
+            n = args.exit_after_iterations
+            self.log.print(f"already at iteration {self.iteration} >= --exit_after_iterations {n}: nothing to do. "
+                           f"To continue, raise --exit_after_iterations above {self.iteration} or drop it")
+            self.log.finish()
+            return {"preempted": True}
         run_start = time.perf_counter()
-        for epoch in range(start_epoch, args.epochs):
-            train_stats = self.train_one_epoch(epoch)
-            if train_stats is None:  # preempted or --exit_after_iterations: checkpoint written, exit cleanly
-                reason = (f"stopped after iteration {self.iteration} (--exit_after_iterations)"
-                          if self.reached_exit_iteration() else "preempted")
-                self.log.print(f"{reason}: saved {self.checkpoint_path}, exiting; relaunch the same command to resume")
-                self.log.finish()
-                return {"preempted": True}
-            keep = args.saveckp_freq and epoch % args.saveckp_freq == 0
-            self.save(extra_name=f"checkpoint{epoch:04}.pth" if keep else None)
-            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-            if self.dist.world_size > 1:
-                log_stats["teacher_rank_max_diff"] = self.teacher_rank_max_diff()
-            if self.knn_due(epoch):
-                log_stats["knn"] = self.online_knn()
-            self.log.log_epoch(log_stats, step=self.iteration)
-            last_stats = {**last_stats, **log_stats}
+        while self.epoch < args.epochs:
+            epoch = self.epoch
+            if self.agree_to_stop():  # e.g. a signal during set-up
+                self.save()
+                return self.stop("preempted")
+            train_stats, stop_reason = self.train_one_epoch(epoch)
+            if train_stats is None:  # stopped mid-epoch: checkpoint written, exit cleanly
+                return self.stop(stop_reason)
+            last_stats = {**last_stats, **self.finish_epoch(epoch, train_stats)}
+            if stop_reason is None and self.epoch < args.epochs and self.agree_to_stop():
+                stop_reason = "preempted"
+            if stop_reason is not None and self.epoch < args.epochs:
+                return self.stop(stop_reason)
         self.log.print(f"training time {format_seconds(time.perf_counter() - run_start)}")
         self.log.finish()
         return last_stats
+
+    def stop(self, reason: str) -> dict[str, Any]:
+        """Leave after a clean save: say where the checkpoint is and how to continue."""
+        if "--exit_after_iterations" in reason:
+            how = f"to continue, relaunch with --exit_after_iterations above {self.iteration}, or without it"
+        else:
+            how = "relaunch the same command to resume"
+            reason = f"{reason} ({self.preempt.signal_name or 'a signal to another rank'})"
+        self.log.print(f"{reason}: saved {self.checkpoint_path} at epoch {self.epoch}, iteration {self.iteration}, "
+                       f"exiting; {how}")
+        self.log.finish()
+        return {"preempted": True}
+
+    def finish_epoch(self, epoch: int, train_stats: dict[str, Any]) -> dict[str, Any]:
+        """An epoch's bookkeeping: checkpoint (kept copy when due), then k-NN when due and the log line.
+
+        The checkpoint records the epoch as pending until its log line is in log.txt, so a kill during the
+        k-NN is redone by the relaunch (``finish_interrupted_epoch``).
+        """
+        self.epoch, self.epoch_sample = epoch + 1, 0
+        self.pending_epoch_end = {"epoch": epoch, "stats": train_stats}
+        self.save(extra_name=self.kept_name(epoch))
+        return self.epoch_log(epoch, train_stats)
+
+    def kept_name(self, epoch: int) -> str | None:
+        keep = self.args.saveckp_freq and epoch % self.args.saveckp_freq == 0
+        return f"checkpoint{epoch:04}.pth" if keep else None
+
+    def epoch_log(self, epoch: int, train_stats: dict[str, Any]) -> dict[str, Any]:
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if self.dist.world_size > 1:
+            log_stats["teacher_rank_max_diff"] = self.teacher_rank_max_diff()
+        if self.knn_due(epoch):
+            log_stats["knn"] = self.online_knn()
+        self.log.log_epoch(log_stats, step=self.iteration)
+        self.pending_epoch_end = None
+        return log_stats
+
+    def finish_interrupted_epoch(self) -> dict[str, Any]:
+        """Redo what a kill between an epoch's checkpoint and its log line left undone."""
+        pending = self.pending_epoch_end or {}
+        epoch = int(pending.get("epoch", -1))
+        if self.epoch_logged(epoch):
+            self.pending_epoch_end = None
+            return {}
+        self.log.print(f"epoch {epoch} was saved but its bookkeeping was interrupted: redoing it")
+        kept = self.kept_name(epoch)
+        if kept and self.dist.is_main and not (self.output_dir / kept).is_file():
+            atomic_save(self.checkpoint_state(), self.output_dir / kept)
+        barrier()
+        return self.epoch_log(epoch, dict(pending.get("stats", {})))
+
+    def epoch_logged(self, epoch: int) -> bool:
+        """Whether log.txt holds epoch ``epoch``'s line (all ranks read the same file)."""
+        path = self.output_dir / "log.txt"
+        if not path.is_file():
+            return False
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if entry.get("epoch") == epoch and "train_loss" in entry:
+                return True
+        return False
+
+    def agree_to_stop(self) -> bool:
+        """Did any rank get a preemption signal? (one CPU collective; every rank must call it together)"""
+        on_any, _ = any_and_all([self.preempt.raised])
+        return on_any[0]
 
     @torch.no_grad()
     def teacher_rank_max_diff(self) -> float:
@@ -209,74 +421,93 @@ class Trainer:
         every = self.args.eval_every
         return epoch == self.args.epochs - 1 or (every > 0 and epoch % every == 0)
 
-    def train_one_epoch(self, epoch: int) -> dict[str, float] | None:
+    def train_one_epoch(self, epoch: int) -> tuple[dict[str, float] | None, str | None]:
+        """Train from ``self.epoch_sample`` to the end of ``epoch``.
+
+        Returns (stats, None) at the end of the epoch; (stats, reason) when a stop (preemption, or
+        ``--exit_after_iterations``) falls on its last batch, so the caller finishes the epoch's bookkeeping
+        first; (None, reason) after a stop mid-epoch (checkpoint written). Every batch is agreed on by all ranks
+        with one CPU collective: a batch whose images were all unreadable on any rank is skipped by every rank
+        (and its samples counted as consumed), so ranks stay in lock-step and the position stays exact.
+        """
         args, niter = self.args, self.niter_per_epoch
-        start_batch = self.iteration - epoch * niter
-        self.sampler.set_epoch(epoch, start_batch=start_batch)
+        self.sampler.set_epoch(epoch, start_sample=self.epoch_sample)
+        batches_left = len(self.loader)
         self.student.train()
         self.teacher.train()
         sums = torch.zeros(4, device=self.device)  # loss, entropy, kl, finite steps
         consecutive_bad = torch.zeros((), device=self.device, dtype=torch.long)
         skipped_images = 0
+        skipped_batches = 0
         steps = 0
         meter = Throughput()
-        self.log.start_epoch(epoch, args.epochs, niter, initial=start_batch)
+        self.log.start_epoch(epoch, args.epochs, niter, initial=self.epoch_sample // self.samples_per_step)
         epoch_start = time.perf_counter()
         fetch_start = time.perf_counter()
-        for batch_index, (crops, _, num_bad) in enumerate(self.loader, start=start_batch):
+        stop_reason = None
+        for batch_number, (crops, _, num_bad) in enumerate(self.loader, start=1):
             skipped_images += int(num_bad)
             meter.data_wait += time.perf_counter() - fetch_start
-            if crops is None:
-                fetch_start = time.perf_counter()
-                continue
-            if self.gpu_multicrop is not None:
-                padded, sizes = crops
-                crops = self.gpu_multicrop(padded.to(self.device, non_blocking=True), sizes)
-            else:
-                crops = [c.to(self.device, non_blocking=True) for c in crops]
-            if self.channels_last:
-                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-            stats = self.step(crops, self.schedule_at(self.iteration, epoch))
-            finite = stats.loss_is_finite
-            sums += torch.stack(
-                [
-                    torch.where(finite, stats.loss, 0.0),
-                    torch.where(finite, stats.teacher_entropy, 0.0),
-                    torch.where(finite, stats.kl, 0.0),
-                    finite.float(),
-                ]
-            )
-            consecutive_bad = torch.where(finite, torch.zeros_like(consecutive_bad), consecutive_bad + 1)
+            on_any, on_all = any_and_all([self.preempt.raised, crops is not None])
+            index = self.schedule_index(epoch, self.epoch_sample)
+            if on_all[1]:
+                if self.gpu_multicrop is not None:
+                    padded, sizes = crops
+                    crops = self.gpu_multicrop(padded.to(self.device, non_blocking=True), sizes)
+                else:
+                    crops = [c.to(self.device, non_blocking=True) for c in crops]
+                if self.channels_last:
+                    crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+                stats = self.step(crops, self.schedule_at(index, epoch))
+                finite = stats.loss_is_finite
+                sums += torch.stack(
+                    [
+                        torch.where(finite, stats.loss, 0.0),
+                        torch.where(finite, stats.teacher_entropy, 0.0),
+                        torch.where(finite, stats.kl, 0.0),
+                        finite.float(),
+                    ]
+                )
+                consecutive_bad = torch.where(finite, torch.zeros_like(consecutive_bad), consecutive_bad + 1)
+                meter.images += crops[0].shape[0] * self.dist.world_size
+                steps += 1
+            else:  # some rank's batch was entirely unreadable: every rank skips it
+                skipped_batches += 1
+            self.epoch_sample += self.samples_per_batch
             self.iteration += 1
-            steps += 1
-            meter.images += crops[0].shape[0] * self.dist.world_size
+            self.last_index = index
+            last = batch_number == batches_left
 
-            done = batch_index + 1
-            if done % args.log_every == 0 or done == niter:
+            done = self.epoch_sample // self.samples_per_step
+            if done % args.log_every == 0 or last:
                 self.check_finite(consecutive_bad)
-                self.report(epoch, done, niter, sums, steps, meter, epoch_start)
-                if self.preempted():
-                    self.save()
-                    return None
-            if args.save_every_steps and self.iteration % args.save_every_steps == 0 and done != niter:
+                self.report(epoch, done, niter, sums, max(steps, 1), meter, epoch_start)
+            if on_any[0]:
+                stop_reason = "preempted"
+            elif self.reached_exit_iteration():
+                stop_reason = f"stopped after iteration {self.iteration} (--exit_after_iterations)"
+            if stop_reason is not None and not last:
                 self.save()
-            if (self.dist.world_size == 1 and self.preempt.raised) or self.reached_exit_iteration():
+                return None, stop_reason
+            if stop_reason is None and args.save_every_steps and self.iteration % args.save_every_steps == 0 \
+                    and not last:
                 self.save()
-                return None
             fetch_start = time.perf_counter()
         self.log.end_epoch()
         all_reduce_sum(sums)
         total_skipped = all_reduce_sum(torch.tensor(float(skipped_images), device=self.device))
         finite_steps = max(sums[3].item(), 1.0)
+        index = self.last_index if steps or skipped_batches else self.schedule_index(epoch, self.epoch_sample)
         return {
             "loss": sums[0].item() / finite_steps,
             "entropy": sums[1].item() / finite_steps,
             "KL_div": sums[2].item() / finite_steps,
-            "lr": float(self.lr_schedule[self.iteration - 1]),
-            "wd": float(self.wd_schedule[self.iteration - 1]),
+            "lr": float(self.lr_schedule[index]),
+            "wd": float(self.wd_schedule[index]),
             "skipped_steps": int(steps * self.dist.world_size - sums[3].item()),
             "unreadable_images": int(total_skipped.item()),
-        }
+            "skipped_batches": skipped_batches,
+        }, stop_reason
 
     def schedule_at(self, it: int, epoch: int) -> StepSchedule:
         return StepSchedule(lr=self.lr_schedule[it], weight_decay=self.wd_schedule[it],
@@ -285,10 +516,6 @@ class Trainer:
 
     def reached_exit_iteration(self) -> bool:
         return 0 < self.args.exit_after_iterations <= self.iteration
-
-    def preempted(self) -> bool:
-        flag = torch.tensor(float(self.preempt.raised), device=self.device)
-        return bool(all_reduce_sum(flag).item() > 0)
 
     def check_finite(self, consecutive_bad: torch.Tensor) -> None:
         bad = int(consecutive_bad.item())
@@ -303,11 +530,11 @@ class Trainer:
         averages = (sums / torch.clamp(sums[3], min=1.0)).tolist()
         rate = meter.summary()
         elapsed = time.perf_counter() - epoch_start
-        remaining_iters = (self.args.epochs * niter) - self.iteration
+        remaining_iters = self.args.epochs * niter - (epoch * niter + done)
         eta = elapsed / max(steps, 1) * remaining_iters
         values = {
             "loss": averages[0],
-            "lr": float(self.lr_schedule[self.iteration - 1]),
+            "lr": float(self.lr_schedule[self.last_index]),
             "img/s": rate["img_per_s"],
             "data%": rate["data_wait_pct"],
             "compute%": rate["compute_pct"],
@@ -377,9 +604,10 @@ def main(argv: list[str] | None = None) -> int:
         return bad_input(err)
     try:
         stats = trainer.fit()
-    except TrainingStopped as err:
+    except (TrainingStopped, CheckpointWriteError) as err:
         return bad_input(err, code=1)
     if stats.get("preempted"):
+        write_preemption_marker(trainer.dist.rank)
         return 0
     if trainer.dist.is_main and "knn" in stats and "knn_baselines" in stats:
         print_demo_summary(stats)

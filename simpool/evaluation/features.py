@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from simpool.data import collate_skip_bad
+from simpool.data.sampler import ignore_preemption_signals
 from simpool.distributed import all_gather_varlen, get_rank, get_world_size
 
 
@@ -93,7 +94,8 @@ def extract_features(
         was_training = model.training
         model.eval()
     loader = DataLoader(_rank_shard(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", collate_fn=collate_skip_bad)
+                        pin_memory=device.type == "cuda", collate_fn=collate_skip_bad,
+                        worker_init_fn=ignore_preemption_signals if num_workers else None)
     feats, labels = [], []
     for images, targets, _ in loader:
         if images is None:

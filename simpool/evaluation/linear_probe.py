@@ -189,6 +189,28 @@ def check_same_probe(saved: dict[str, Any], identity: dict[str, Any], path: Path
         )
 
 
+def probe_source(source: dict[str, Any]) -> dict[str, Any]:
+    """``ModelSource.as_dict()`` with the weights path made absolute (the identity of the probed features)."""
+    weights = source.get("weights")
+    return {**source, "weights": str(Path(weights).resolve()) if weights else None}
+
+
+def check_same_weights(saved: dict[str, Any], source: dict[str, Any], path: Path) -> None:
+    """Refuse to resume heads trained on the features of other weights (another file, --checkpoint_key,
+    arch/mode/gamma or training epoch of the same file): they would silently mix two feature spaces."""
+    before = saved.get("source")
+    if not isinstance(before, dict):
+        return  # written before the source was recorded
+    before, now = probe_source(before), probe_source(source)
+    differences = [f"{name} {before.get(name)} (now {now.get(name)})" for name in
+                   ("weights", "checkpoint_key", "arch", "mode", "gamma", "epoch") if before.get(name) != now.get(name)]
+    if differences:
+        raise CheckpointError(
+            f"{path} holds heads trained on other features: {'; '.join(differences)}. Use another --output_dir "
+            "for these weights, or the same --pretrained_weights/--checkpoint_key to resume"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # training and reporting
 # ----------------------------------------------------------------------------------------------------------

@@ -61,10 +61,12 @@ from simpool.evaluation.linear_probe import (
     ProbeState,
     cached_batches,
     check_same_probe,
+    check_same_weights,
     image_batches,
     log_results,
     log_summary,
     probe_features,
+    probe_source,
     read_probe_checkpoint,
     resolve_num_labels,
     scaled_lrs,
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     "feature_dim": dim, "num_labels": num_labels}
         if saved is not None:
             check_same_probe(saved, identity, checkpoint)
+            check_same_weights(saved, source.as_dict(), checkpoint)
     except ValueError as err:
         cleanup()
         return bad_input(err)
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                     trained = DistributedDataParallel(state.heads, device_ids=device_ids)
                 batches = (image_batches(train, features, batch, workers, dist_info, seed=args.seed),
                            image_batches(val, features, batch, workers, dist_info))
-            meta = {**identity, "source": source.as_dict()}
+            meta = {**identity, "source": probe_source(source.as_dict())}
             train_probe(state, trained, batches, args.epochs, args.val_freq, args.lrs, len(val), output_dir, meta,
                         log_extra)
         log_summary(args.lrs, state.best_top1)
