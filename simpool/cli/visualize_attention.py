@@ -29,7 +29,7 @@ import torch
 from simpool.flags import add_backbone_flags, backbone_flags, bad_input
 from simpool.loading import load_model
 from simpool.logs import setup_logging
-from simpool.visualize import visualize_image
+from simpool.visualize import visualize_image, visualize_pca
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", default=None, help="its title in compare.png (default: file name)")
     parser.add_argument("--compare_label", default=None, help="title of --compare (default: its file name)")
     add_backbone_flags(parser, prefix="compare_", what="--compare")
+    parser.add_argument("--pca", nargs="?", const="image", default=None, choices=["image", "joint"],
+                        help="also write pca.png per image: PCA of the patch features as RGB, background removed "
+                        "(--pca: one PCA per image; --pca joint: one over all the images)")
     return parser
 
 
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.output_dir) / image_path.stem
             written = visualize_image(models, image_path, out, args.image_size or None, args.keep)
             log.info("%s: %d PNGs in %s", image_path, len(written), out)
+        if args.pca:
+            visualize_pca(models[0][1], images, args.output_dir, args.image_size or None, joint=args.pca == "joint")
     except ValueError as err:  # CheckpointError is a ValueError
         return bad_input(err)
     return 0
