@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from simpool.dino.attention_log import validate as validate_attention_flags
 from simpool.flags import AUTO_GAMMA, bool_flag, float_or_none, key_value
 from simpool.models import ARCHS, arch_family, is_known_arch
 
@@ -161,6 +162,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
         help="before training, also k-NN the untrained network and raw pixels (for comparison)",
     )
     add(g, "--log_every", default=10, type=int, help="console/log line every N iterations")
+    add(g, "--attention_every", default=0, type=int,
+        help="every N epochs (and after the last) draw the teacher's attention maps into "
+        "output_dir/attention/epochNNNN.png and W&B (0: off)")
+    add(g, "--attention_images", default=None, type=str,
+        help="folder of images for --attention_every (its first 8, sorted; default: the first training images)")
     add(g, "--wandb_project", default=None, type=str, help="log to Weights & Biases under this project")
     add(g, "--wandb_name", default=None, type=str, help="W&B run name")
 
@@ -285,6 +291,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--nb_knn values must be positive, got {args.nb_knn}")
     if not args.data_path:
         raise ConfigError("--data_path is required (an ImageFolder, a dataset root with train/, or fashion-mnist)")
+    if (problem := validate_attention_flags(args)) is not None:
+        raise ConfigError(problem)
     if arch_family(args.arch) == "vit" and args.global_crops_size % args.patch_size:
         raise ConfigError(f"--global_crops_size {args.global_crops_size} is not a multiple of --patch_size")
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from simpool.checkpoint import FORMAT_KEY, FORMAT_VERSION, CheckpointError, atomic_save, safe_load
 from simpool.data import DataError, build_labelled_splits
+from simpool.dino.attention_log import AttentionLog
 from simpool.dino.augment import GPUMultiCrop
 from simpool.dino.build import build_dino_step, build_train_loader, use_gpu_augment
 from simpool.dino.checkpointing import PreemptionFlag, rng_state, set_rng_state, set_seeds
@@ -107,6 +108,8 @@ class Trainer:
             wandb_name=args.wandb_name,
             config=vars(args),
         )
+        self.attention_log = AttentionLog.from_args(args, self.loader.dataset, self.dist.is_main, self.output_dir,
+                                                    self.log.wandb)
         self.resumed = self.maybe_resume()
 
     # -- checkpoints ---------------------------------------------------------------------------------------
@@ -180,6 +183,8 @@ class Trainer:
             keep = args.saveckp_freq and epoch % args.saveckp_freq == 0
             self.save(extra_name=f"checkpoint{epoch:04}.pth" if keep else None)
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+            if self.attention_log.due(epoch):
+                self.attention_log.write(epoch, unwrap(self.teacher).backbone, step=self.iteration)
             if self.dist.world_size > 1:
                 log_stats["teacher_rank_max_diff"] = self.teacher_rank_max_diff()
             if self.knn_due(epoch):
