@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +232,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int | Non
     model.eval()
     path = Path(path)
     try:
-        with torch.no_grad():
+        # TracerWarnings flag Python-side shape arithmetic; the parity check (onnx_max_relative_error) is the proof.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["features"],
                               dynamic_axes={"images": axes, "features": {0: "batch"}}, opset_version=ONNX_OPSET,
                               **kwargs)
