@@ -169,8 +169,10 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_probe(interrupted)
     monkeypatch.setattr(seg_cli, "train_epoch", real_epoch)
-    resumed = run_probe(interrupted)
+    resumed = run_probe(interrupted, "--save_predictions", "3")
     assert resumed["per_lr"] == straight["per_lr"]
+    with Image.open(interrupted / "predictions.png") as png:
+        assert png.size == (3 * 32 + 4, 3 * 32)  # 3 rows of image | truth | prediction
     log = [json.loads(line) for line in (interrupted / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in log] == [0, 1, 2, 3]  # epochs 0-1 not trained again
     assert seg_cli.main([*TINY_FLAGS, "--data_path", "fashion-on-photos:24", "--image_size", "32", "--epochs", "5",

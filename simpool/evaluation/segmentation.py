@@ -16,9 +16,10 @@ Output: mIoU, pixel accuracy and per-class IoU (fractions in [0, 1]; NaN/null fo
 truth and predictions) of every head, printed and written to ``OUTPUT_DIR/segmentation.json``, together with
 the score of the constant all-background prediction. ``OUTPUT_DIR/checkpoint.pth.tar`` (heads, optimizer,
 schedule, batch-order generator; atomic, every epoch) makes a rerun of the same command resume; ``log.txt``
-gets one JSON line per epoch. Under torchrun each rank embeds its shard of the images, every rank trains the
-same heads on all cached train features (nothing to synchronise, as the linear probe's ``--cached_features``),
-and the val confusion matrices are summed over ranks.
+gets one JSON line per epoch; ``--save_predictions N`` draws the first N val images as image | truth | prediction
+(VOC colours) in ``OUTPUT_DIR/predictions.png``. Under torchrun each rank embeds its shard of the images, every
+rank trains the same heads on all cached train features (nothing to synchronise, as the linear probe's
+``--cached_features``), and the val confusion matrices are summed over ranks.
 
 Usage::
 
@@ -38,10 +39,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from simpool.attention_maps import model_stride
 from simpool.checkpoint import CheckpointError, atomic_save, safe_load
+from simpool.data.fashion_on_photos import voc_palette
 from simpool.data.segmentation import build_segmentation_splits
 from simpool.distributed import all_reduce_sum, barrier, cleanup, is_main_process
 from simpool.evaluation.common import (
@@ -72,7 +77,8 @@ CHECKPOINT_FILE = "checkpoint.pth.tar"
 LOG_FILE = "log.txt"
 RESULTS_FILE = "segmentation.json"
 SEG_PROBE_FORMAT = "simpool-segmentation-probe-1"
-DEFAULT_LRS = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
+DEFAULT_LRS = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+PREDICTIONS_FILE = "predictions.png"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -89,6 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--val_freq", default=5, type=int, help="evaluate every N epochs (and after the last)")
     group.add_argument("--seed", default=0, type=int, help="seed of the head initialisation and batch order")
     group.add_argument("--output_dir", default=".", help=f"{RESULTS_FILE}, {CHECKPOINT_FILE} and {LOG_FILE} go here")
+    group.add_argument("--save_predictions", default=0, type=int,
+                       help=f"draw the first N val images as image | truth | prediction (best lr) in "
+                       f"{PREDICTIONS_FILE}")
     add_distributed_flags(parser)
     return parser
 
@@ -98,6 +107,8 @@ def check_flags(args: argparse.Namespace) -> None:
     for name in ("epochs", "val_freq"):
         if getattr(args, name) < 1:
             raise EvalSetupError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.save_predictions < 0:
+        raise EvalSetupError(f"--save_predictions must be >= 0, got {args.save_predictions}")
     if any(not (math.isfinite(lr) and lr > 0) for lr in args.lrs) or len(set(args.lrs)) != len(args.lrs):
         raise EvalSetupError(f"--lrs must be positive and distinct, got {args.lrs}")
     if args.weight_decay < 0:
@@ -222,9 +233,32 @@ def main(argv: list[str] | None = None) -> int:
         "all_background": {"miou": baseline["miou"], "pixel_accuracy": baseline["pixel_accuracy"]},
         "confusion_best_lr": confusion[args.lrs.index(results["best_lr"])].tolist(),
     })
+    if args.save_predictions and is_main_process():
+        best = args.lrs.index(results["best_lr"])
+        path = save_predictions(output_dir / PREDICTIONS_FILE, state.heads, best, val, val_feats,
+                                min(args.save_predictions, val_feats.shape[0]))
+        log.info("predictions of the first %d val images: %s", min(args.save_predictions, val_feats.shape[0]), path)
     barrier()
     cleanup()
     return 0
+
+
+@torch.no_grad()
+def save_predictions(path: Path, heads, head: int, dataset, feats: torch.Tensor, count: int) -> Path:
+    """One row per val image: the image, its true labels and head ``head``'s prediction, in VOC colours
+    (void white). ``feats`` are this rank's cached val features, whose first rows are the dataset's first images."""
+    heads.eval()
+    palette = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    rows = []
+    for index in range(count):
+        image, truth = dataset[index]
+        pred = heads.upsampled(feats[index:index + 1], truth.shape[-2:])[head, 0].argmax(dim=0)
+        mean, std = (torch.tensor(v)[:, None, None] for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+        rgb = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        gap = np.full((rgb.shape[0], 2, 3), 255, np.uint8)
+        rows.append(np.concatenate([rgb, gap, palette[truth.numpy()], gap, palette[pred.cpu().numpy()]], axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path
 
 
 if __name__ == "__main__":
