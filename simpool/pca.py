@@ -1,15 +1,16 @@
 """PCA of patch features as an RGB picture (dinov2's figure): background removed by the first component, then the
 first three components of the foreground patches as red, green and blue.
 
-For patch features X (N patches, d) -- one image's, or every image's of a folder stacked ("joint": one basis, so
-the same part gets the same colour in every image):
+For the patch features X (N patches, d) of each image:
 
 1. first component: ``p1 = (X - mean) v1`` (``torch.linalg.svd`` of the centred X). Its sign is arbitrary; it is
    chosen so that the border patches score lower on average than the others, since objects are rarely on the
-   border (the convention of dinov2's demo, which keeps the patches above a threshold of the first component);
-2. foreground: ``p1 > threshold * std(p1)`` (default threshold 0: above the mean);
-3. on the foreground patches alone, a second PCA: the first three components, each min-max scaled to [0, 1]
-   over those patches, are R, G, B; background patches are black;
+   border (dinov2's demo keeps the patches above a threshold of the first component);
+2. foreground: ``p1 > threshold * std(p1)`` (default threshold 0: above the mean). Always per image: over a folder
+   of unlike photos the first joint component separates the photos, not objects from their background;
+3. on the foreground patches alone -- of this image, or of every image together ("joint", as dinov2's figure: one
+   basis, so the same part gets the same colour in every image) -- a second PCA: the first three components, each
+   min-max scaled to [0, 1] over those patches, are R, G, B; background patches are black;
 4. each patch grid is upsampled to its image with nearest neighbours (one flat block per patch, as the attention
    maps are drawn).
 
@@ -64,7 +65,8 @@ def first_component(grids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def pca_rgb(grids: Sequence[torch.Tensor], threshold: float = 0.0,
             remove_background: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(rgb (h, w, 3) float in [0, 1], foreground (h, w) bool) per patch grid (d, h, w), one PCA over all of them.
+    """(rgb (h, w, 3) float in [0, 1], foreground (h, w) bool) per patch grid (d, h, w): background cut per grid,
+    one colour PCA over the foreground patches of all of them (pass one grid for a per-image picture).
 
     ``threshold`` is in standard deviations of the first component; ``remove_background=False`` colours every
     patch (the second PCA then runs on all patches and ``foreground`` is all True).
@@ -73,9 +75,8 @@ def pca_rgb(grids: Sequence[torch.Tensor], threshold: float = 0.0,
     if not grids:
         return []
     if remove_background:
-        scores = first_component(grids)
-        spread = torch.cat([s.flatten() for s in scores]).std().clamp_min(1e-12)
-        masks = [s > threshold * spread for s in scores]
+        scores = [first_component([g])[0] for g in grids]
+        masks = [s > threshold * s.std().clamp_min(1e-12) for s in scores]
     else:
         masks = [torch.ones(g.shape[1:], dtype=torch.bool) for g in grids]
     kept = [g.flatten(1).T[m.flatten()] for g, m in zip(grids, masks)]

@@ -193,7 +193,7 @@ def visualize_pca(
 ) -> dict[str, Path]:
     """Write ``out_dir/<image stem>/pca.png`` per image: the PCA picture of its patch features
     (:mod:`simpool.pca`: background removed by the first component, three components as RGB, nearest-upsampled
-    to the image as :func:`visualize_image` sizes it). ``joint``: one PCA over every image's patches (the same
+    to the image as :func:`visualize_image` sizes it). ``joint``: one colour PCA over every image's foreground (the same
     colours mean the same directions in all of them), else one per image. Files PIL cannot read are skipped
     with a warning. Returns {image stem: path}.
     """

@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_backbone_flags(parser, prefix="compare_", what="--compare")
     parser.add_argument("--pca", nargs="?", const="image", default=None, choices=["image", "joint"],
                         help="also write pca.png per image: PCA of the patch features as RGB, background removed "
-                        "(--pca: one PCA per image; --pca joint: one over all the images)")
+                        "(--pca: one PCA per image; --pca joint: one colour basis for all the images)")
     return parser
 
 

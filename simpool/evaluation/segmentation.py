@@ -77,7 +77,7 @@ CHECKPOINT_FILE = "checkpoint.pth.tar"
 LOG_FILE = "log.txt"
 RESULTS_FILE = "segmentation.json"
 SEG_PROBE_FORMAT = "simpool-segmentation-probe-1"
-DEFAULT_LRS = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+DEFAULT_LRS = [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
 PREDICTIONS_FILE = "predictions.png"
 
 
