@@ -67,6 +67,7 @@ def test_images_folder_and_wandb(tmp_path):
     for i, image in enumerate(photos(MAX_IMAGES + 2)):
         image.save(folder / f"{i:02d}.png")
     (folder / "notes.txt").write_text("not an image")
+    (folder / "00_broken.png").write_text("not a PNG either")  # sorted first, skipped with a warning
     args = argparse.Namespace(attention_every=2, attention_images=str(folder), global_crops_size=64, epochs=5)
     run = RecordingRun()
     attention_log = AttentionLog.from_args(args, dataset=None, is_main=True, output_dir=tmp_path, wandb_run=run)
@@ -76,6 +77,8 @@ def test_images_folder_and_wandb(tmp_path):
     assert path == tmp_path / "attention" / "epoch0004.png" and path.is_file()
     [(data, step)] = run.logged
     assert step == 40 and isinstance(data["attention"], wandb.Image)
+    model_without_map = build_backbone("efficientnet_b0", mode="official")  # averages: no attention map
+    assert attention_log.write(5, model_without_map) is None and not attention_log.due(6)  # off, with a warning
     off_rank = AttentionLog.from_args(args, dataset=None, is_main=False, output_dir=tmp_path)
     assert not any(off_rank.due(e) for e in range(5))
 

@@ -4,7 +4,7 @@ images, every N epochs, as ``output_dir/attention/epochNNNN.png`` and as a W&B i
 One grid per epoch, one row per image: the image, the teacher's attention over it (the mean over heads of
 ``model.attention_map``: SimPool's own attention, or an official ViT's last-block [CLS] attention; a convnet in
 official mode pools by averaging and has none, which ``validate`` refuses before training), and DINO's 60%-mass
-mask (the image dimmed where the mask drops it). Images are the first ``MAX_IMAGES`` files of
+mask (the image dimmed where the mask drops it). Images are the first ``MAX_IMAGES`` readable files of
 ``--attention_images DIR`` (sorted) or, by default, the first images of the training set, resized as the teacher
 sees its global crops (shorter side ``--global_crops_size``, sides rounded to the stride; no crop) and shown
 upscaled to at least ``PANEL_SIDE`` pixels.
@@ -66,7 +66,7 @@ def validate(args: argparse.Namespace) -> str | None:
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_IMAGES]
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def first_training_images(dataset: Dataset, count: int = MAX_IMAGES) -> list[Image.Image]:
@@ -147,8 +147,13 @@ class AttentionLog:
         if every:
             if args.attention_images:
                 for path in _image_files(Path(args.attention_images)):
-                    with Image.open(path) as image:
-                        images.append(image.convert("RGB"))
+                    if len(images) == MAX_IMAGES:
+                        break
+                    try:
+                        with Image.open(path) as image:
+                            images.append(image.convert("RGB"))
+                    except OSError as err:  # PIL's UnidentifiedImageError is an OSError
+                        log.warning("--attention_images: %s skipped, not a readable image (%s)", path, err)
             else:
                 images = first_training_images(dataset)
         return cls(every, images, args.global_crops_size, args.epochs, output_dir, wandb_run)
@@ -156,10 +161,15 @@ class AttentionLog:
     def due(self, epoch: int) -> bool:
         return bool(self.every and self.images) and (epoch % self.every == 0 or epoch == self.epochs - 1)
 
-    def write(self, epoch: int, teacher_backbone: nn.Module, step: int | None = None) -> Path:
+    def write(self, epoch: int, teacher_backbone: nn.Module, step: int | None = None) -> Path | None:
         """Draw the grid with ``teacher_backbone`` and write ``attention/epochNNNN.png`` (and to W&B)."""
         start = time.perf_counter()
-        grid = attention_grid(teacher_backbone, self.images, self.image_size)
+        try:
+            grid = attention_grid(teacher_backbone, self.images, self.image_size)
+        except ValueError as err:  # a timm model without an attention map (official mode): say so once, stop
+            log.warning("--attention_every switched off: %s", err)
+            self.every = 0
+            return None
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"epoch{epoch:04d}.png"
         Image.fromarray(grid).save(path)
