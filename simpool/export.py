@@ -7,6 +7,7 @@ training flags to be rebuilt. ``export_backbone`` writes a folder that needs not
     OUT_DIR/config.json             arch, mode, gamma, patch_size, embed_dim, family, pos_embed_resampling,
                                     the keywords that rebuild it, a summary of the training run
     OUT_DIR/timm_model.safetensors  official mode only: the same weights as a plain timm state dict
+    OUT_DIR/model.onnx              with --onnx (``export_onnx``): images (B, 3, H, W) -> features, dynamic B, H, W
 
 ``load_backbone(OUT_DIR)`` rebuilds the model with ``build_backbone(arch, mode, gamma, **build_kwargs)``,
 restores the ViT's position-embedding rule (``"reference"`` for weights trained by DINO / the SimPool fork,
@@ -38,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,8 @@ from torch import nn
 from simpool.checkpoint import safe_load
 from simpool.loading import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE, is_export_dir, load_model
 
-__all__ = ["CLASSIFIER_FILE", "TIMM_WEIGHTS_FILE", "export_backbone", "timm_equivalent", "training_summary"]
+__all__ = ["CLASSIFIER_FILE", "ONNX_FILE", "TIMM_WEIGHTS_FILE", "OnnxUnavailable", "export_backbone", "export_onnx",
+           "onnx_max_relative_error", "require_onnx", "timm_equivalent", "training_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +200,90 @@ def export_backbone(
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     log.info("exported %s %s (%s mode) to %s", which, model.arch, model.mode, out)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ONNX (optional extra: pip install 'simpool[onnx]')
+# ----------------------------------------------------------------------------------------------------------
+ONNX_FILE = "model.onnx"
+ONNX_INSTALL = "pip install 'simpool[onnx]' (or: pip install 'onnx>=1.15' 'onnxruntime>=1.17')"
+ONNX_OPSET = 17
+
+
+class OnnxUnavailable(ValueError):
+    """``onnx`` / ``onnxruntime`` are not installed; the message gives the pip command."""
+
+
+def require_onnx() -> None:
+    """Import onnx and onnxruntime or raise :class:`OnnxUnavailable` naming the pip command (before any work)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        raise OnnxUnavailable(f"ONNX export needs the onnx extra ({err}): {ONNX_INSTALL}") from None
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int | None = None) -> Path:
+    """Write ``model`` (images (B, 3, H, W) -> features (B, embed_dim)) as ONNX with dynamic batch, H and W.
+
+    Traced by ``torch.onnx.export`` (the TorchScript exporter, ``dynamo=False``: the dynamo one needs onnxscript,
+    which this project does not depend on) at ``image_size`` (default: the ViT's ``img_size`` or 224) in eval mode,
+    opset 17, checked with ``onnx.checker``. ViT position embeddings are resampled inside the graph for any grid:
+    timm's resampler skips its "same size" shortcut while exporting, and bicubic resampling to the same grid is the
+    identity. Weights trained by the reference code (``pos_embed_resampling == "reference"``) resample with a
+    size-dependent ``scale_factor`` that the traced graph cannot take from the input shape: they are exported for
+    ``image_size`` only (dynamic batch, fixed height and width) and a warning says so. Returns ``path``.
+
+    Example:
+        >>> export_onnx(load_backbone("exports/vits"), "exports/vits/model.onnx")
+        >>> onnxruntime.InferenceSession("exports/vits/model.onnx").run(None, {"images": batch})[0].shape
+        (8, 384)
+    """
+    require_onnx()
+    import inspect
+
+    import onnx
+
+    size = image_size or getattr(model, "build_kwargs", {}).get("img_size", 224)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    if getattr(model, "pos_embed_resampling", "exact") == "reference":
+        axes = {0: "batch"}
+        log.warning("reference-trained ViT weights resample their position embeddings by a size-dependent "
+                    "scale_factor: %s takes %dx%d images only (dynamic batch)", path, size, size)
+    device = next(model.parameters()).device
+    example = torch.randn(1, 3, size, size, device=device)
+    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    was_training = model.training
+    model.eval()
+    path = Path(path)
+    try:
+        # TracerWarnings flag Python-side shape arithmetic; the parity check (onnx_max_relative_error) is the proof.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["features"],
+                              dynamic_axes={"images": axes, "features": {0: "batch"}}, opset_version=ONNX_OPSET,
+                              **kwargs)
+    finally:
+        model.train(was_training)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def onnx_max_relative_error(model: nn.Module, path: str | os.PathLike,
+                            shapes: list[tuple[int, int, int, int]]) -> float:
+    """Largest ``max|onnx - torch| / max|torch|`` over random inputs of ``shapes``, onnxruntime on the CPU."""
+    require_onnx()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    device = next(model.parameters()).device
+    worst = 0.0
+    generator = torch.Generator().manual_seed(0)
+    model = model.eval()
+    for shape in shapes:
+        images = torch.randn(*shape, generator=generator)
+        with torch.no_grad():
+            expected = model(images.to(device)).float().cpu()
+        got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+        worst = max(worst, float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)))
+    return worst

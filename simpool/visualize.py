@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -42,8 +43,12 @@ from PIL import Image
 from torch import nn
 
 from simpool.attention_maps import attention_maps, mass_mask_at_size, model_stride, prepare_image, upsample_map
+from simpool.pca import pca_image, pca_rgb
 
 DEFAULT_CMAP = "inferno"
+PCA_FILE = "pca.png"
+
+log = logging.getLogger(__name__)
 
 
 def image_maps(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
@@ -177,7 +182,47 @@ def visualize_image(
     return written
 
 
+@torch.no_grad()
+def visualize_pca(
+    model: nn.Module,
+    image_paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    image_size: int | None = 224,
+    joint: bool = False,
+    threshold: float = 0.0,
+) -> dict[str, Path]:
+    """Write ``out_dir/<image stem>/pca.png`` per image: the PCA picture of its patch features
+    (:mod:`simpool.pca`: background removed by the first component, three components as RGB, nearest-upsampled
+    to the image as :func:`visualize_image` sizes it). ``joint``: one colour PCA over every image's foreground (the same
+    colours mean the same directions in all of them), else one per image. Files PIL cannot read are skipped
+    with a warning. Returns {image stem: path}.
+    """
+    device = next(model.parameters()).device
+    stride = model_stride(model)
+    grids, sizes, stems = [], [], []
+    for image_path in image_paths:
+        try:
+            with Image.open(image_path) as photo:
+                image, rgb = prepare_image(photo, image_size, stride)
+        except OSError as err:  # PIL's UnidentifiedImageError is an OSError
+            log.warning("%s: skipped, not a readable image (%s)", image_path, err)
+            continue
+        grids.append(model.patch_features(image.to(device))[0].float().cpu())
+        sizes.append(rgb.shape[:2])
+        stems.append(Path(image_path).stem)
+    pictures = pca_rgb(grids, threshold) if joint else [pca_rgb([grid], threshold)[0] for grid in grids]
+    written = {}
+    for stem, size, (colours, _) in zip(stems, sizes, pictures):
+        folder = Path(out_dir) / stem
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pca_image(colours, size)).save(folder / PCA_FILE)
+        written[stem] = folder / PCA_FILE
+    return written
+
+
 __all__ = [
+    "PCA_FILE",
+    "visualize_pca",
     "attention_mask",
     "compare_figure",
     "heat_map",

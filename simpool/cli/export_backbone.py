@@ -3,9 +3,12 @@
     simpool-export runs/vits/checkpoint.pth exports/vits                               # teacher, as trained
     simpool-export runs/vits/checkpoint.pth exports/vits_student --which student
     simpool-export dino_deitsmall16_pretrain.pth exports/dino_vits --arch vit_small --mode official
+    simpool-export runs/vits/checkpoint.pth exports/vits --onnx                        # + model.onnx
 
 (``python utils/export_backbone.py ...`` is the same command.) Architecture flags default to the checkpoint's
-recorded training args; backbone-only files record none, so they need --arch and --mode. Official-mode models
+recorded training args; backbone-only files record none, so they need --arch and --mode. ``--onnx`` also writes
+OUT_DIR/model.onnx (dynamic batch, height and width; needs ``pip install 'simpool[onnx]'``) and checks it
+against torch with onnxruntime at two input sizes. Official-mode models
 also get OUT_DIR/timm_model.safetensors, a plain timm state dict (see simpool/export.py). Load the export with
 ``simpool.load_backbone(OUT_DIR)`` or ``torch.hub.load(REPO, "backbone", path=OUT_DIR, source="local")``.
 """
@@ -16,9 +19,10 @@ import argparse
 import json
 import sys
 
-from simpool.export import export_backbone
+from simpool.attention_maps import model_stride
+from simpool.export import ONNX_FILE, export_backbone, export_onnx, onnx_max_relative_error, require_onnx
 from simpool.flags import add_backbone_flags, backbone_flags, bad_input
-from simpool.loading import CONFIG_FILE
+from simpool.loading import CONFIG_FILE, load_backbone
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,16 +33,38 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("out_dir", help="folder to write model.safetensors and config.json into")
     parser.add_argument("--which", default="teacher", choices=["teacher", "student"],
                         help="which network of a DINO checkpoint (default: teacher, the one DINO evaluates)")
+    parser.add_argument("--onnx", action="store_true",
+                        help=f"also write OUT_DIR/{ONNX_FILE} (dynamic batch/height/width; needs the onnx extra)")
+    parser.add_argument("--onnx_image_size", default=None, type=int,
+                        help="side of the example input the ONNX graph is traced with (default: the model's)")
     add_backbone_flags(parser)
     return parser
+
+
+def write_onnx(out, image_size: int | None) -> None:
+    """OUT_DIR/model.onnx from the export just written, and its onnxruntime-vs-torch check at two sizes."""
+    model = load_backbone(out)
+    path = export_onnx(model, out / ONNX_FILE, image_size)
+    side = image_size or model.build_kwargs.get("img_size", 224)
+    stride = model_stride(model)
+    other = (max(stride, side * 3 // 4 // stride * stride), side + stride)  # another, non-square size
+    if getattr(model, "pos_embed_resampling", "exact") == "reference":
+        other = (side, side)  # exported for its traced size only (see export_onnx)
+    error = onnx_max_relative_error(model, path, [(2, 3, side, side), (1, 3, *other)])
+    print(f"wrote {path}: onnxruntime matches torch to {error:.1e} (max relative) at {side}x{side} and "
+          f"{other[0]}x{other[1]}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Export, then print what was written (and the timm call for official-mode models); 2 on bad input."""
     args = get_args_parser().parse_args(argv)
     try:
+        if args.onnx:
+            require_onnx()  # before any work: a missing extra stops with the pip command
         out = export_backbone(args.checkpoint, args.out_dir, which=args.which, **backbone_flags(args))
-    except ValueError as err:  # CheckpointError included
+        if args.onnx:
+            write_onnx(out, args.onnx_image_size)
+    except ValueError as err:  # CheckpointError and OnnxUnavailable included
         return bad_input(err)
     config = json.loads((out / CONFIG_FILE).read_text())
     print(f"exported {config['arch']} ({config['mode']} mode, gamma {config['gamma']}, "

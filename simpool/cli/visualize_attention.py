@@ -32,7 +32,7 @@ from simpool.data.images import BadSample, load_rgb_image
 from simpool.flags import add_backbone_flags, backbone_flags, bad_input
 from simpool.loading import load_model
 from simpool.logs import setup_logging
-from simpool.visualize import visualize_image
+from simpool.visualize import visualize_image, visualize_pca
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", default=None, help="its title in compare.png (default: file name)")
     parser.add_argument("--compare_label", default=None, help="title of --compare (default: its file name)")
     add_backbone_flags(parser, prefix="compare_", what="--compare")
+    parser.add_argument("--pca", nargs="?", const="image", default=None, choices=["image", "joint"],
+                        help="also write pca.png per image: PCA of the patch features as RGB, background removed "
+                        "(--pca: one PCA per image; --pca joint: one colour basis for all the images)")
     return parser
 
 
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("%d of %d images skipped as unreadable: %s", len(skipped), len(images), ", ".join(skipped))
         if len(skipped) == len(images):
             raise ValueError(f"none of the {len(images)} image(s) in {args.image_path} could be read")
+        if args.pca:
+            visualize_pca(models[0][1], images, args.output_dir, args.image_size or None, joint=args.pca == "joint")
     except ValueError as err:  # CheckpointError is a ValueError
         return bad_input(err)
     return 0

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from simpool.dino.attention_log import validate as validate_attention_flags
 from simpool.flags import AUTO_GAMMA, bool_flag, float_or_none, key_value
 from simpool.models import ARCHS, arch_family, is_known_arch
 
@@ -173,6 +174,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
         help="before training, also k-NN the untrained network and raw pixels (for comparison)",
     )
     add(g, "--log_every", default=10, type=int, help="console/log line every N iterations")
+    add(g, "--attention_every", default=0, type=int,
+        help="every N epochs (and after the last) draw the teacher's attention maps into "
+        "output_dir/attention/epochNNNN.png and W&B (0: off)")
+    add(g, "--attention_images", default=None, type=str,
+        help="folder of images for --attention_every (its first 8, sorted; default: the first training images)")
     add(g, "--wandb_project", default=None, type=str, help="log to Weights & Biases under this project")
     add(g, "--wandb_name", default=None, type=str, help="W&B run name")
 
@@ -322,6 +328,8 @@ def validate_args(args: argparse.Namespace) -> None:
             if size % args.patch_size:
                 raise ConfigError(f"--{name} {size} is not a multiple of --patch_size {args.patch_size}: use "
                                   f"{max(size // args.patch_size, 1) * args.patch_size} or change --patch_size")
+    if (problem := validate_attention_flags(args)) is not None:
+        raise ConfigError(problem)
     _check_numbers(args)
     _check_model_overrides(args)
 

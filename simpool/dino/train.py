@@ -35,6 +35,7 @@ from simpool.checkpoint import (
     safe_load,
 )
 from simpool.data import DataError, build_labelled_splits, dataset_fingerprint
+from simpool.dino.attention_log import AttentionLog
 from simpool.dino.augment import GPUMultiCrop
 from simpool.dino.build import build_dino_step, build_train_loader, use_gpu_augment
 from simpool.dino.checkpointing import (
@@ -166,6 +167,8 @@ class Trainer:
             wandb_name=args.wandb_name,
             config=vars(args),
         )
+        self.attention_log = AttentionLog.from_args(args, self.loader.dataset, self.dist.is_main, self.output_dir,
+                                                    self.log.wandb)
         self.resumed = resume_state is not None
         if resume_state is not None:
             self.resume(resume_state)
@@ -367,6 +370,8 @@ class Trainer:
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         if self.dist.world_size > 1:
             log_stats["teacher_rank_max_diff"] = self.teacher_rank_max_diff()
+        if self.attention_log.due(epoch):
+            self.attention_log.write(epoch, unwrap(self.teacher).backbone, step=self.iteration)
         if self.knn_due(epoch):
             log_stats["knn"] = self.online_knn()
         self.log.log_epoch(log_stats, step=self.iteration)

@@ -48,6 +48,11 @@ class PooledBackbone(nn.Module):
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every family overrides
         raise NotImplementedError
 
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every family overrides
+        """Dense features (B, embed_dim, h, w) on the grid of ``attention_map``: a ViT's last-block patch
+        tokens, a convnet's last feature map (the inputs of the pooling, for segmentation probes and PCA)."""
+        raise NotImplementedError
+
     def config(self) -> dict[str, Any]:
         """Everything ``simpool.build_backbone(**config)`` needs to rebuild this exact architecture."""
         return {"arch": self.arch, "mode": self.mode, "gamma": self.gamma, **self.build_kwargs}

@@ -40,6 +40,10 @@ class _MapPooling:
         _, attn = self.simpool(feature_map, return_attention=True)
         return pooled_attention_grid(attn, *feature_map.shape[-2:])
 
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w): the last feature map, what SimPool (or the average pool) pools, in either mode."""
+        return self.forward_features(x)
+
 
 class SimPoolResNet(_MapPooling, ResNet, PooledBackbone):
     """timm ``ResNet`` whose ``forward`` returns the pooled layer4 feature (B, 512 * expansion).

@@ -57,6 +57,14 @@ class TimmBackbone(PooledBackbone):
             return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
         return self.simpool(self._features_for_pooling(x))
 
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w): the feature map, or a token model's patch tokens (prefix tokens dropped) on its grid."""
+        features = self._features_for_pooling(x)
+        if features.ndim == 4:
+            return features
+        patch_h, patch_w = self.model.patch_embed.patch_size
+        return features.transpose(1, 2).reshape(features.shape[0], -1, x.shape[-2] // patch_h, x.shape[-1] // patch_w)
+
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         if self.simpool is None:
             raise ValueError(f"{self.arch} in official mode has no pooling attention; use mode='simpool'")

@@ -130,6 +130,19 @@ class SimPoolViT(VisionTransformer, PooledBackbone):
             return self.norm(self.simpool(tokens))
         return self.norm(tokens)[:, 0]
 
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, d, h, w): the last block's patch tokens after the final LayerNorm, prefix tokens dropped, on the
+        patch grid (dinov2's ``get_intermediate_layers(norm=True)``, which its linear segmentation reads).
+
+        Example:
+            >>> vit = SimPoolViT(mode="simpool", gamma=1.25, embed_dim=192, depth=2, num_heads=3)
+            >>> vit.patch_features(torch.randn(1, 3, 96, 64)).shape
+            torch.Size([1, 192, 6, 4])
+        """
+        grid_h, grid_w = self._grid(x)
+        tokens = self.norm(self.forward_tokens(x))[:, self.num_prefix_tokens:]
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, grid_h, grid_w)
+
     def last_block_outputs(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
         """Normalised token sequences ``norm(block_i(...))`` of the last ``n`` blocks, each (B, [1 +] N, d), prefix
         tokens first (DINO's ``get_intermediate_layers``).
