@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from simpool.data import DataError, ResumableDistributedSampler, build_dataset, collate_skip_bad, seed_worker
 from simpool.dino.augment import DataAugmentationDINO, DecodeForGPU, collate_padded_skip_bad
+from simpool.dino.config import ConfigError
 from simpool.dino.head import DINOHead, MultiCropWrapper
 from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
@@ -39,6 +40,11 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device) -> tup
         **overrides,
     )
     teacher_backbone = build_backbone(args.arch, mode=args.mode, gamma=gamma, patch_size=args.patch_size, **overrides)
+    if args.grad_checkpointing:
+        try:  # only the student: the teacher runs without gradients
+            student_backbone.set_grad_checkpointing(True)
+        except ValueError as err:
+            raise ConfigError(f"--grad_checkpointing True: {err}") from None
     embed_dim = student_backbone.embed_dim
     head_kwargs = {"use_bn": args.use_bn_in_head, "nlayers": args.head_nlayers, "hidden_dim": args.head_hidden_dim,
                    "bottleneck_dim": args.head_bottleneck_dim}

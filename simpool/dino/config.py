@@ -118,6 +118,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
         type=int,
         help="stop after this many consecutive steps with a non-finite loss",
     )
+    add(g, "--grad_checkpointing", default=False, type=bool_flag,
+        help="recompute the backbone's activations in backward (timm's set_grad_checkpointing): less memory")
+    add(g, "--accum_steps", default=1, type=int,
+        help="micro-batches per optimizer step: the exact update of a batch accum_steps times larger")
 
     g = p.add_argument_group("multi-crop")
     add(g, "--global_crops_scale", default=(0.14, 1.0), type=float, nargs="+", help="global crop scale")
@@ -161,6 +165,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
         help="before training, also k-NN the untrained network and raw pixels (for comparison)",
     )
     add(g, "--log_every", default=10, type=int, help="console/log line every N iterations")
+    add(g, "--stop_on_collapse", default=False, type=bool_flag,
+        help="save and exit with code 1 when the collapse alarm fires (simpool/dino/collapse.py)")
     add(g, "--wandb_project", default=None, type=str, help="log to Weights & Biases under this project")
     add(g, "--wandb_name", default=None, type=str, help="W&B run name")
 
@@ -253,7 +259,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if not is_known_arch(args.arch):
         raise ConfigError(f"--arch {args.arch!r} is unknown: use one of {', '.join(ARCHS)} or a timm model name")
     positive = ["epochs", "batch_size_per_gpu", "out_dim", "patch_size", "global_crops_size", "local_crops_size",
-                "head_hidden_dim", "head_bottleneck_dim", "head_nlayers", "log_every"]
+                "head_hidden_dim", "head_bottleneck_dim", "head_nlayers", "log_every", "accum_steps"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
