@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from simpool.checkpoint import FORMAT_KEY, FORMAT_VERSION, CheckpointError, atomic_save, safe_load
 from simpool.data import DataError, build_labelled_splits
+from simpool.dino.accum import group_micro_batches, steps_per_epoch
 from simpool.dino.augment import GPUMultiCrop
 from simpool.dino.build import build_dino_step, build_train_loader, use_gpu_augment
 from simpool.dino.checkpointing import PreemptionFlag, rng_state, set_rng_state, set_seeds
@@ -70,7 +71,7 @@ class Trainer:
         barrier()
 
         self.loader, self.sampler = build_train_loader(args, self.dist)  # fails early on bad data paths
-        self.niter_per_epoch = len(self.sampler) // args.batch_size_per_gpu
+        self.niter_per_epoch = steps_per_epoch(len(self.sampler), args.batch_size_per_gpu, args.accum_steps)
         self.precision = resolve_precision(args, self.device.type == "cuda")
         compile_models = args.compile if args.compile is not None else self.device.type == "cuda"
         self.step = build_dino_step(args, self.dist, self.precision, compile_models)
@@ -82,7 +83,7 @@ class Trainer:
             self.gpu_multicrop = GPUMultiCrop(args.global_crops_scale, args.local_crops_scale,
                                               args.local_crops_number, args.global_crops_size,
                                               args.local_crops_size)
-        global_batch = args.batch_size_per_gpu * self.dist.world_size
+        global_batch = args.batch_size_per_gpu * self.dist.world_size * args.accum_steps  # per optimizer step
         total = args.epochs * self.niter_per_epoch
         self.lr_schedule = cosine_scheduler(
             scaled_lr(args.lr, global_batch),
@@ -208,7 +209,7 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> dict[str, float] | None:
         args, niter = self.args, self.niter_per_epoch
         start_batch = self.iteration - epoch * niter
-        self.sampler.set_epoch(epoch, start_batch=start_batch)
+        self.sampler.set_epoch(epoch, start_batch=start_batch * args.accum_steps)
         self.student.train()
         self.teacher.train()
         sums = torch.zeros(4, device=self.device)  # loss, entropy, kl, finite steps
@@ -219,19 +220,14 @@ class Trainer:
         self.log.start_epoch(epoch, args.epochs, niter, initial=start_batch)
         epoch_start = time.perf_counter()
         fetch_start = time.perf_counter()
-        for batch_index, (crops, _, num_bad) in enumerate(self.loader, start=start_batch):
+        for batch_index, (crops, _, num_bad) in enumerate(group_micro_batches(self.loader, args.accum_steps),
+                                                          start=start_batch):
             skipped_images += int(num_bad)
             meter.data_wait += time.perf_counter() - fetch_start
             if crops is None:
                 fetch_start = time.perf_counter()
                 continue
-            if self.gpu_multicrop is not None:
-                padded, sizes = crops
-                crops = self.gpu_multicrop(padded.to(self.device, non_blocking=True), sizes)
-            else:
-                crops = [c.to(self.device, non_blocking=True) for c in crops]
-            if self.channels_last:
-                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+            crops = [self.to_device(micro) for micro in crops]  # the micro-batches of one optimizer step
             stats = self.step(crops, self.schedule_at(self.iteration, epoch))
             finite = stats.loss_is_finite
             sums += torch.stack(
@@ -245,7 +241,7 @@ class Trainer:
             consecutive_bad = torch.where(finite, torch.zeros_like(consecutive_bad), consecutive_bad + 1)
             self.iteration += 1
             steps += 1
-            meter.images += crops[0].shape[0] * self.dist.world_size
+            meter.images += sum(micro[0].shape[0] for micro in crops) * self.dist.world_size
 
             done = batch_index + 1
             if done % args.log_every == 0 or done == niter:
@@ -273,6 +269,17 @@ class Trainer:
             "skipped_steps": int(steps * self.dist.world_size - sums[3].item()),
             "unreadable_images": int(total_skipped.item()),
         }
+
+    def to_device(self, crops) -> list[torch.Tensor]:
+        """One loader batch's crops on the device (made there from the padded images on the GPU path)."""
+        if self.gpu_multicrop is not None:
+            padded, sizes = crops
+            crops = self.gpu_multicrop(padded.to(self.device, non_blocking=True), sizes)
+        else:
+            crops = [c.to(self.device, non_blocking=True) for c in crops]
+        if self.channels_last:
+            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+        return crops
 
     def schedule_at(self, it: int, epoch: int) -> StepSchedule:
         return StepSchedule(lr=self.lr_schedule[it], weight_decay=self.wd_schedule[it],
