@@ -115,6 +115,7 @@ def build_dino_step(args: argparse.Namespace, dist_info: DistInfo, precision: st
     """Student, teacher, loss and optimizer wired into one ``DINOStep`` (shared with benchmarks/train_step.py)."""
     student, teacher, _ = build_student_teacher(args, dist_info.device)
     student, teacher = wrap_for_training(student, teacher, dist_info, compile_models)
-    loss_fn = DINOLoss(args.out_dim, args.local_crops_number + 2).to(dist_info.device)
+    loss_fn = DINOLoss(args.out_dim, args.local_crops_number + 2,
+                       center_momentum=args.center_momentum).to(dist_info.device)
     optimizer = build_optimizer(args.optimizer, get_params_groups(unwrap(student)))
     return DINOStep(student, teacher, loss_fn, optimizer, precision=precision, clip_grad=args.clip_grad)

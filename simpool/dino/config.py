@@ -87,6 +87,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
     add(g, "--warmup_teacher_temp", default=0.04, type=float, help="initial teacher temperature")
     add(g, "--teacher_temp", default=0.07, type=float, help="teacher temperature after warm-up")
     add(g, "--warmup_teacher_temp_epochs", default=50, type=int, help="teacher temperature warm-up epochs")
+    add(g, "--center_momentum", default=0.9, type=float, help="EMA momentum of the teacher centre (1: no centring)")
 
     g = p.add_argument_group("optimisation")
     add(g, "--use_fp16", default=None, type=bool_flag, help="True: fp16 with a GradScaler; False: fp32")
@@ -283,6 +284,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--warmup_epochs ({args.warmup_epochs}) exceeds --epochs ({args.epochs})")
     args.global_crops_scale = _check_scale("global_crops_scale", args.global_crops_scale)
     args.local_crops_scale = _check_scale("local_crops_scale", args.local_crops_scale)
+    if not 0 <= args.center_momentum <= 1:
+        raise ConfigError(f"--center_momentum must be in [0, 1], got {args.center_momentum}")
     if not 0 <= args.momentum_teacher <= 1:
         raise ConfigError(f"--momentum_teacher must be in [0, 1], got {args.momentum_teacher}")
     if args.gamma not in (None, AUTO_GAMMA) and args.gamma <= 0:

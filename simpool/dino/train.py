@@ -30,6 +30,7 @@ from simpool.dino.accum import group_micro_batches, steps_per_epoch
 from simpool.dino.augment import GPUMultiCrop
 from simpool.dino.build import build_dino_step, build_train_loader, use_gpu_augment
 from simpool.dino.checkpointing import PreemptionFlag, rng_state, set_rng_state, set_seeds
+from simpool.dino.collapse import PROTOTYPES, CollapseMonitor
 from simpool.dino.config import ConfigError, args_to_yaml, parse_args, resolve_precision
 from simpool.dino.schedules import cosine_scheduler, scaled_lr, teacher_temp_schedule
 from simpool.dino.step import StepSchedule, unwrap
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
     """Too many consecutive non-finite losses: the run stops and says which checkpoint is the last good one."""
+
+
+class CollapseStopped(RuntimeError):
+    """--stop_on_collapse: the collapse alarm fired; the checkpoint is saved and the message is the warning."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,6 +106,7 @@ class Trainer:
         self.iteration = 0
         self.last_good_checkpoint: str | None = None
         self.preempt = PreemptionFlag()
+        self.collapse = CollapseMonitor(args.out_dim)
         self.log = RunLogger(
             self.output_dir,
             enabled=self.dist.is_main,
@@ -212,7 +218,7 @@ class Trainer:
         self.sampler.set_epoch(epoch, start_batch=start_batch * args.accum_steps)
         self.student.train()
         self.teacher.train()
-        sums = torch.zeros(4, device=self.device)  # loss, entropy, kl, finite steps
+        sums = torch.zeros(5, device=self.device)  # loss, entropy, kl, finite steps, prototypes in use
         consecutive_bad = torch.zeros((), device=self.device, dtype=torch.long)
         skipped_images = 0
         steps = 0
@@ -236,6 +242,7 @@ class Trainer:
                     torch.where(finite, stats.teacher_entropy, 0.0),
                     torch.where(finite, stats.kl, 0.0),
                     finite.float(),
+                    torch.where(finite, stats.prototypes_in_use, 0.0),
                 ]
             )
             consecutive_bad = torch.where(finite, torch.zeros_like(consecutive_bad), consecutive_bad + 1)
@@ -264,6 +271,7 @@ class Trainer:
             "loss": sums[0].item() / finite_steps,
             "entropy": sums[1].item() / finite_steps,
             "KL_div": sums[2].item() / finite_steps,
+            "prototypes_in_use": sums[PROTOTYPES].item() / finite_steps,
             "lr": float(self.lr_schedule[self.iteration - 1]),
             "wd": float(self.wd_schedule[self.iteration - 1]),
             "skipped_steps": int(steps * self.dist.world_size - sums[3].item()),
@@ -317,8 +325,20 @@ class Trainer:
             "mem_GiB": peak_memory_gib(self.device),
             "eta_s": eta,
         }
-        self.log.progress(done, niter, epoch, values, step=self.iteration)
+        reading, warning = self.collapse.observe(sums)
+        if reading is not None:
+            values.update(entropy=reading.entropy, KL=reading.kl, prototypes=reading.prototypes_in_use)
+        it = self.iteration - 1
+        record = {"wd": float(self.wd_schedule[it]), "momentum": float(self.momentum_schedule[it]),
+                  "teacher_temp": float(self.teacher_temp_schedule[it])}
+        self.log.progress(done, niter, epoch, values, step=self.iteration, record=record)
         meter.reset()
+        if warning:
+            self.log.warning(warning)
+            if self.args.stop_on_collapse:
+                self.save()
+                self.log.print(f"--stop_on_collapse: saved {self.checkpoint_path}, stopping")
+                raise CollapseStopped(warning)
 
     # -- online k-NN ---------------------------------------------------------------------------------------
     def knn_datasets(self):
@@ -382,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         stats = trainer.fit()
     except TrainingStopped as err:
         return bad_input(err, code=1)
+    except CollapseStopped as err:
+        trainer.log.finish()
+        trainer.log.warning(str(err))  # the alarm is the run's last line
+        return 1
     if stats.get("preempted"):
         return 0
     if trainer.dist.is_main and "knn" in stats and "knn_baselines" in stats:
