@@ -28,14 +28,14 @@ SHORT = ["--subset", "100", "--num_workers", "1", "--log_every", "4", "--epochs"
 RESNET = ["--arch", "resnet18", "--model_overrides", "layers=[1,1,1,1]", "output_stride=8"]
 VARIANTS: dict[str, list[str]] = {
     "demo": [],
-    "vit_base": [*SHORT, "--knn_baselines", "True"],
+    "vit_base": SHORT,
     "vit_nobn": [*SHORT, "--use_bn_in_head", "False"],
     "vit_out256": [*SHORT, "--out_dim", "256"],
     "vit_tt07": [*SHORT, "--teacher_temp", "0.07", "--warmup_teacher_temp", "0.07"],
     "vit_bs32": [*SHORT, "--batch_size_per_gpu", "32"],
     "vit_lr2x": [*SHORT, "--lr", "0.012"],
     "vit_p4": [*SHORT, "--patch_size", "4"],
-    "resnet_base": [*SHORT, *RESNET, "--lr", "0.004", "--knn_baselines", "True"],
+    "resnet_base": [*SHORT, *RESNET, "--lr", "0.004"],
     "resnet_lr1e3": [*SHORT, *RESNET, "--lr", "0.001"],
     "resnet_out256": [*SHORT, *RESNET, "--lr", "0.004", "--out_dim", "256"],
     "resnet_bs32": [*SHORT, *RESNET, "--lr", "0.004", "--batch_size_per_gpu", "32"],

@@ -11,11 +11,13 @@ import torch
 
 from simpool import build_backbone
 from simpool.dino.collapse import CollapseMonitor, collapse_mode
+from simpool.dino.config import parse_args
 from simpool.dino.head import DINOHead, MultiCropWrapper
 from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
 from simpool.dino.step import DINOStep, StepSchedule
 from simpool.dino.train import main
+from tests.conftest import REPO
 from tests.test_train import FASHION_TINY, needs_fashion
 
 K = 64
@@ -106,3 +108,11 @@ def test_stop_on_collapse_saves_and_exits_1_with_the_warning_last(tmp_path, caps
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert 3 <= state["iteration"] < 20  # stopped early (4 epochs of 5 steps), on the log step of the alarm
     assert (out / "progress.jsonl").read_text().count("prototypes") == state["iteration"]
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_parses_and_builds_its_loss(config):
+    """Each configs/ recipe is a valid flag set (types, choices, ranges as on the command line)."""
+    args = parse_args(["--config", str(config), "--data_path", "fashion-mnist"])
+    assert args.accum_steps >= 1 and 0 < args.center_momentum <= 1
+    assert args.batch_size_per_gpu * args.accum_steps <= 1024 and args.out_dim > 0
