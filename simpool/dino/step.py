@@ -105,6 +105,7 @@ class DINOStep:
         >>> stats = step(crops, StepSchedule(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04,
         ...                                  freeze_last_layer=True))
         >>> float(stats.loss)   # reading it synchronises; do it every N steps
+        >>> stats = step([crops_a, crops_b], schedule)   # --accum_steps 2: the update of the two batches together
     """
 
     def __init__(
