@@ -21,27 +21,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# name -> flags over configs/demo.yaml. On a 2-core VM shared with three other engineers' jobs (load 6-11) a
-# run may take <= 3 min of wall time, which there is only 30-60 CPU-seconds: so 1,000 training images (100 per
-# class), 2 epochs (16 steps at batch 128), and the k-NN baselines once per architecture (same seed, same init).
-SHORT = ["--subset", "100", "--num_workers", "1", "--log_every", "4", "--epochs", "2", "--knn_baselines", "False"]
+# name -> flags over configs/demo.yaml. On a 2-core VM shared with three other engineers' jobs (load 8-11) a
+# run may take <= 3 min of wall time, which there is only 30-60 CPU-seconds (8-12 img/s instead of ~200 idle).
+# "init_*": k-NN of the network at random initialisation (and raw pixels), one training step then exit.
+# Others: 1,000 training images (100 per class), 1 epoch at batch 64 (15 steps), k-NN at the end.
+INIT = ["--knn_baselines", "True", "--exit_after_iterations", "1", "--num_workers", "1", "--batch_size_per_gpu", "16"]
+SHORT = ["--subset", "100", "--num_workers", "1", "--log_every", "3", "--epochs", "1", "--batch_size_per_gpu", "64",
+         "--warmup_epochs", "0", "--freeze_last_layer", "0", "--knn_baselines", "False"]
 RESNET = ["--arch", "resnet18", "--model_overrides", "layers=[1,1,1,1]", "output_stride=8"]
 VARIANTS: dict[str, list[str]] = {
     "demo": [],
+    "init_vit_p7": INIT,
+    "init_vit_p4": [*INIT, "--patch_size", "4"],
+    "init_vit_p7_official": [*INIT, "--mode", "official"],
+    "init_resnet_os8": [*INIT, *RESNET],
+    "init_resnet_os32": [*INIT, "--arch", "resnet18", "--model_overrides", "layers=[1,1,1,1]"],
+    "init_resnet_os8_official": [*INIT, *RESNET, "--mode", "official"],
     "vit_base": SHORT,
     "vit_nobn": [*SHORT, "--use_bn_in_head", "False"],
     "vit_out256": [*SHORT, "--out_dim", "256"],
     "vit_tt07": [*SHORT, "--teacher_temp", "0.07", "--warmup_teacher_temp", "0.07"],
-    "vit_bs32": [*SHORT, "--batch_size_per_gpu", "32"],
-    "vit_lr2x": [*SHORT, "--lr", "0.012"],
-    "vit_p4": [*SHORT, "--patch_size", "4"],
     "resnet_base": [*SHORT, *RESNET, "--lr", "0.004"],
-    "resnet_lr1e3": [*SHORT, *RESNET, "--lr", "0.001"],
     "resnet_out256": [*SHORT, *RESNET, "--lr", "0.004", "--out_dim", "256"],
-    "resnet_bs32": [*SHORT, *RESNET, "--lr", "0.004", "--batch_size_per_gpu", "32"],
     "resnet_2local": [*SHORT, *RESNET, "--lr", "0.004", "--local_crops_number", "2"],
-    "resnet_lars": [*SHORT, *RESNET, "--optimizer", "lars", "--lr", "0.3", "--weight_decay", "1e-6",
-                    "--weight_decay_end", "1e-6"],
+    "resnet_bs32": [*SHORT, *RESNET, "--lr", "0.004", "--batch_size_per_gpu", "32"],
+    "resnet_bs32_lr2x": [*SHORT, *RESNET, "--lr", "0.008", "--batch_size_per_gpu", "32"],
+    "resnet_bs32_out256": [*SHORT, *RESNET, "--lr", "0.004", "--batch_size_per_gpu", "32", "--out_dim", "256"],
+    "resnet_bs16": [*SHORT, *RESNET, "--lr", "0.004", "--batch_size_per_gpu", "16"],
 }
 
 

@@ -11,7 +11,7 @@ import torch
 
 from simpool import build_backbone
 from simpool.dino.collapse import CollapseMonitor, collapse_mode
-from simpool.dino.config import parse_args
+from simpool.dino.config import ConfigError, parse_args
 from simpool.dino.head import DINOHead, MultiCropWrapper
 from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
@@ -116,3 +116,9 @@ def test_every_recipe_parses_and_builds_its_loss(config):
     args = parse_args(["--config", str(config), "--data_path", "fashion-mnist"])
     assert args.accum_steps >= 1 and 0 < args.center_momentum <= 1
     assert args.batch_size_per_gpu * args.accum_steps <= 1024 and args.out_dim > 0
+
+
+def test_local_crops_not_divisible_by_the_patch_stop_before_training():
+    """Found by the sweep: --patch_size 4 with the demo's 14 px local crops failed after the k-NN baselines."""
+    with pytest.raises(ConfigError, match="--local_crops_size 14 is not a multiple of --patch_size 4"):
+        parse_args(["--config", str(REPO / "configs" / "demo.yaml"), "--patch_size", "4"])

@@ -296,6 +296,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ConfigError("--data_path is required (an ImageFolder, a dataset root with train/, or fashion-mnist)")
     if arch_family(args.arch) == "vit" and args.global_crops_size % args.patch_size:
         raise ConfigError(f"--global_crops_size {args.global_crops_size} is not a multiple of --patch_size")
+    if arch_family(args.arch) == "vit" and args.local_crops_number and args.local_crops_size % args.patch_size:
+        raise ConfigError(f"--local_crops_size {args.local_crops_size} is not a multiple of --patch_size "
+                          f"{args.patch_size}: pick a size that is, or --local_crops_number 0")
 
 
 def args_to_yaml(args: argparse.Namespace) -> str:
