@@ -33,6 +33,7 @@ $(FMNIST)/train-images-idx3-ubyte.gz:
 
 demo: $(STAMP) $(FMNIST)/train-images-idx3-ubyte.gz
 	$(PY) train_dino.py --config configs/demo.yaml --output_dir runs/demo
+	$(PY) utils/plot_log.py runs/demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/knn.py

@@ -5,6 +5,9 @@
   tree (``simpool.logs.setup_logging`` sends it to stdout on rank 0).
 * ``output_dir/log.txt``: one JSON object per epoch, with the SimPool fork's keys (``train_loss``,
   ``train_entropy``, ``train_KL_div``, ``train_lr``, ``train_wd``, ``epoch``, ``k-NN``) plus ours.
+* ``output_dir/progress.jsonl``: one JSON object per log step (``iteration``, ``epoch`` and the progress
+  values: loss, teacher entropy, KL, prototypes in use, lr, wd, momentum, img/s, data-wait %, ...), for
+  ``utils/plot_log.py``.
 * W&B when a project is given; ``WANDB_MODE=offline`` works without network.
 
 Only rank 0 writes anything.
@@ -49,6 +52,7 @@ class RunLogger:
     ) -> None:
         self.enabled = enabled
         self.log_path = Path(output_dir) / "log.txt"
+        self.progress_path = Path(output_dir) / "progress.jsonl"
         self.interactive = enabled and sys.stdout.isatty()
         self.bar = None
         self.wandb = None
@@ -67,6 +71,15 @@ class RunLogger:
         else:
             log.info(message)
 
+    def warning(self, message: str) -> None:
+        """A warning line (above the bar while one is shown)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            log.warning(message)
+
     def start_epoch(self, epoch: int, epochs: int, total: int, initial: int = 0) -> None:
         if self.interactive:
             from tqdm import tqdm  # only for an interactive terminal
@@ -74,10 +87,15 @@ class RunLogger:
             self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True)
 
     def progress(self, step_in_epoch: int, steps_in_epoch: int, epoch: int, values: dict[str, float],
-                 step: int | None = None) -> None:
-        """One progress report: bar postfix on a terminal, one plain line otherwise."""
+                 step: int | None = None, record: dict[str, float] | None = None) -> None:
+        """One progress report: bar postfix on a terminal, one plain line otherwise; ``values`` and the
+        ``record``-only values (not shown on the console) go to ``progress.jsonl`` and W&B."""
         if not self.enabled:
             return
+        with self.progress_path.open("a") as f:
+            f.write(json.dumps({"iteration": step, "epoch": epoch, **values, **(record or {})}) + "\n")
+        if self.wandb is not None and step is not None and record:
+            self.wandb.log({f"train/{k}": v for k, v in record.items()}, step=step)
         if self.wandb is not None and step is not None:
             self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
         if self.bar is not None:

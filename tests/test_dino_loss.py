@@ -132,7 +132,7 @@ def test_logging_stats_are_entropy_and_kl():
     ncrops, batch, dim, t_temp = 5, 4, 64, 0.1
     student, teacher = make_logits(ncrops, batch, dim, seed=4)
     loss_fn = DINOLoss(dim, ncrops)
-    loss, teacher_entropy, kl = loss_fn(student, teacher, t_temp)
+    loss, teacher_entropy, kl, teacher_mean_probs = loss_fn(student, teacher, t_temp)
 
     q = F.softmax(teacher / t_temp, dim=-1)
     entropy = -(q * F.log_softmax(teacher / t_temp, dim=-1)).sum(-1).mean()
@@ -143,6 +143,7 @@ def test_logging_stats_are_entropy_and_kl():
     torch.testing.assert_close(teacher_entropy, entropy)
     torch.testing.assert_close(kl, torch.stack(kls).mean(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kl + teacher_entropy, loss.detach())
+    torch.testing.assert_close(teacher_mean_probs, q.mean(dim=0))
 
 
 def test_low_precision_inputs_run_in_float32():

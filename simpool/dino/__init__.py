@@ -1,7 +1,7 @@
 """DINO self-distillation pretraining, one concept per module.
 
 - ``loss``: ``DINOLoss`` -- teacher centring and sharpening, the multi-crop cross-entropy (custom autograd),
-  the centre EMA; returns ``DINOLossOutput(loss, teacher_entropy, kl)``.
+  the centre EMA; returns ``DINOLossOutput(loss, teacher_entropy, kl, teacher_mean_probs)``.
 - ``head``: ``DINOHead`` (MLP, L2 norm, weight-normalised prototypes) and ``MultiCropWrapper``.
 - ``step``: ``DINOStep`` -- one iteration (teacher forward, student forward, loss, clipped update, teacher EMA)
   driven by a ``StepSchedule`` per iteration.

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from simpool.data import DataError, ResumableDistributedSampler, build_dataset, collate_skip_bad, seed_worker
 from simpool.dino.augment import DataAugmentationDINO, DecodeForGPU, collate_padded_skip_bad
+from simpool.dino.config import ConfigError
 from simpool.dino.head import DINOHead, MultiCropWrapper
 from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
@@ -39,6 +40,11 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device) -> tup
         **overrides,
     )
     teacher_backbone = build_backbone(args.arch, mode=args.mode, gamma=gamma, patch_size=args.patch_size, **overrides)
+    if args.grad_checkpointing:
+        try:  # only the student: the teacher runs without gradients
+            student_backbone.set_grad_checkpointing(True)
+        except ValueError as err:
+            raise ConfigError(f"--grad_checkpointing True: {err}") from None
     embed_dim = student_backbone.embed_dim
     head_kwargs = {"use_bn": args.use_bn_in_head, "nlayers": args.head_nlayers, "hidden_dim": args.head_hidden_dim,
                    "bottleneck_dim": args.head_bottleneck_dim}
@@ -109,6 +115,7 @@ def build_dino_step(args: argparse.Namespace, dist_info: DistInfo, precision: st
     """Student, teacher, loss and optimizer wired into one ``DINOStep`` (shared with benchmarks/train_step.py)."""
     student, teacher, _ = build_student_teacher(args, dist_info.device)
     student, teacher = wrap_for_training(student, teacher, dist_info, compile_models)
-    loss_fn = DINOLoss(args.out_dim, args.local_crops_number + 2).to(dist_info.device)
+    loss_fn = DINOLoss(args.out_dim, args.local_crops_number + 2,
+                       center_momentum=args.center_momentum).to(dist_info.device)
     optimizer = build_optimizer(args.optimizer, get_params_groups(unwrap(student)))
     return DINOStep(student, teacher, loss_fn, optimizer, precision=precision, clip_grad=args.clip_grad)

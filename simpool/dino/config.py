@@ -98,6 +98,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
     add(g, "--warmup_teacher_temp", default=0.04, type=float, help="initial teacher temperature")
     add(g, "--teacher_temp", default=0.07, type=float, help="teacher temperature after warm-up")
     add(g, "--warmup_teacher_temp_epochs", default=50, type=int, help="teacher temperature warm-up epochs")
+    add(g, "--center_momentum", default=0.9, type=float, help="EMA momentum of the teacher centre (1: no centring)")
 
     g = p.add_argument_group("optimisation")
     add(g, "--use_fp16", default=None, type=bool_flag, help="True: fp16 with a GradScaler; False: fp32")
@@ -129,6 +130,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
         type=int,
         help="stop after this many consecutive steps with a non-finite loss",
     )
+    add(g, "--grad_checkpointing", default=False, type=bool_flag,
+        help="recompute the backbone's activations in backward (timm's set_grad_checkpointing): less memory")
+    add(g, "--accum_steps", default=1, type=int,
+        help="micro-batches per optimizer step: the exact update of a batch accum_steps times larger")
 
     g = p.add_argument_group("multi-crop")
     add(g, "--global_crops_scale", default=(0.14, 1.0), type=float, nargs="+", help="global crop scale")
@@ -179,6 +184,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
         "output_dir/attention/epochNNNN.png and W&B (0: off)")
     add(g, "--attention_images", default=None, type=str,
         help="folder of images for --attention_every (its first 8, sorted; default: the first training images)")
+    add(g, "--stop_on_collapse", default=False, type=bool_flag,
+        help="save and exit with code 1 when the collapse alarm fires (simpool/dino/collapse.py)")
     add(g, "--wandb_project", default=None, type=str, help="log to Weights & Biases under this project")
     add(g, "--wandb_name", default=None, type=str, help="W&B run name")
 
@@ -288,7 +295,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if not is_known_arch(args.arch):
         raise ConfigError(f"--arch {args.arch!r} is unknown: use one of {', '.join(ARCHS)} or a timm model name")
     positive = ["epochs", "batch_size_per_gpu", "out_dim", "patch_size", "global_crops_size", "local_crops_size",
-                "head_hidden_dim", "head_bottleneck_dim", "head_nlayers", "log_every"]
+                "head_hidden_dim", "head_bottleneck_dim", "head_nlayers", "log_every", "accum_steps"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -312,6 +319,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--warmup_epochs ({args.warmup_epochs}) exceeds --epochs ({args.epochs})")
     args.global_crops_scale = _check_scale("global_crops_scale", args.global_crops_scale)
     args.local_crops_scale = _check_scale("local_crops_scale", args.local_crops_scale)
+    if not 0 <= args.center_momentum <= 1:
+        raise ConfigError(f"--center_momentum must be in [0, 1], got {args.center_momentum}")
     if not 0 <= args.momentum_teacher <= 1:
         raise ConfigError(f"--momentum_teacher must be in [0, 1], got {args.momentum_teacher}")
     if args.gamma not in (None, AUTO_GAMMA) and args.gamma <= 0:

@@ -24,8 +24,9 @@ and is recomputed in backward from the logits, so no (V B, K) float32 log-probab
 between forward and backward, and the work is done crop by crop so temporaries are (B, K). All of
 it runs in float32 whatever the autocast state or the input dtype.
 
-The forward also returns the mean teacher entropy H(q_i) and the mean KL(q_i || p_v) = L - H over the
-pairs, for logging (0-dim tensors: reading them as floats is left to the caller's logging interval).
+The forward also returns the mean teacher entropy H(q_i), the mean KL(q_i || p_v) = L - H over the
+pairs and the batch-mean teacher distribution mean_b q_i[b] (whose exp-entropy counts the prototypes in use),
+for logging (0-dim tensors: reading them as floats is left to the caller's logging interval).
 
 Example:
     >>> loss_fn = DINOLoss(65536, ncrops=8)
@@ -117,6 +118,7 @@ class DINOLossOutput(NamedTuple):
     loss: torch.Tensor
     teacher_entropy: torch.Tensor  # mean entropy of the teacher distributions q_i
     kl: torch.Tensor  # loss - teacher_entropy = mean KL(q_i || p_v) over the pairs (detached)
+    teacher_mean_probs: torch.Tensor  # (K,) mean of the q_i over this rank's rows: the prototypes in use
 
 
 class DINOLoss(nn.Module):
@@ -180,10 +182,11 @@ class DINOLoss(nn.Module):
             # pair-mean of H(q_i) is the plain row mean. mul_ reuses the logits buffer.
             log_norm = torch.logsumexp(teacher_logits, dim=-1)
             teacher_entropy = (log_norm - teacher_logits.mul_(teacher_probs).sum(dim=-1)).mean()
+            teacher_mean_probs = teacher_probs.mean(dim=0)
             del teacher_logits
         loss = dino_cross_entropy(student_output, teacher_probs, self.ncrops, self.student_temp)
         self.update_center(teacher_output)
-        return DINOLossOutput(loss, teacher_entropy, loss.detach() - teacher_entropy)
+        return DINOLossOutput(loss, teacher_entropy, loss.detach() - teacher_entropy, teacher_mean_probs)
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:

@@ -17,10 +17,23 @@ What differs from the reference, and why:
   ``found_inf`` flag directly, so the skip costs no sync at all.
 * The teacher EMA is two foreach kernels over all parameters instead of a Python loop of small ones.
 * bf16 autocast by default on CUDA; the loss always runs in float32.
+
+Gradient accumulation (``--accum_steps N``): ``step([crops_1, ..., crops_N], schedule)`` makes the update of
+the concatenated batch, exactly where the maths allows it. Every micro-batch is centred with the same centre
+c (the step's), the loss of each is divided by N so that the summed gradient is the big batch's mean-loss
+gradient, and the centre then takes one EMA update from the teacher rows of all N micro-batches (what one
+forward of the big batch would do). Clipping, the skip on non-finite gradients, the freeze, the optimizer
+step, the teacher EMA and the schedule values happen once, on the summed gradient. Under DDP the gradient
+all-reduce runs only on the last micro-batch (``no_sync`` on the others). What is not exact: BatchNorm
+(e.g. ``--use_bn_in_head True``, ResNet trunks) normalises with each micro-batch's statistics, not the big
+batch's, and its running statistics take N updates; SimPool itself is per sample, so a BN-free ViT/head
+gives the big batch's update to float32 rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +67,20 @@ class StepStats:
     teacher_entropy: torch.Tensor
     kl: torch.Tensor
     loss_is_finite: torch.Tensor
+    prototypes_in_use: torch.Tensor  # exp(H(batch-mean teacher distribution)), between 1 and K
+
+
+
+def effective_prototypes(mean_probs: torch.Tensor) -> torch.Tensor:
+    """exp(H(p)) of a distribution over K prototypes: K when used uniformly, 1 when all mass is on one."""
+    return torch.exp(torch.special.entr(mean_probs.float()).sum())
+
+
+def as_micro_batches(batch: Sequence) -> list[list[torch.Tensor]]:
+    """One batch of crops (a list of tensors) or N of them (a list of such lists), as a list of N batches."""
+    if len(batch) and isinstance(batch[0], torch.Tensor):
+        return [list(batch)]
+    return [list(crops) for crops in batch]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -78,6 +105,7 @@ class DINOStep:
         >>> stats = step(crops, StepSchedule(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04,
         ...                                  freeze_last_layer=True))
         >>> float(stats.loss)   # reading it synchronises; do it every N steps
+        >>> stats = step([crops_a, crops_b], schedule)   # --accum_steps 2: the update of the two batches together
     """
 
     def __init__(
@@ -111,17 +139,43 @@ class DINOStep:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def __call__(self, crops: list[torch.Tensor], schedule: StepSchedule) -> StepStats:
+    def no_sync(self, last: bool):
+        """DDP's ``no_sync`` (no gradient all-reduce in backward) for all but the last micro-batch."""
+        ddp = getattr(self.student, "_orig_mod", self.student)
+        if last or not hasattr(ddp, "no_sync"):
+            return contextlib.nullcontext()
+        return ddp.no_sync()
+
+    def __call__(self, crops: Sequence, schedule: StepSchedule) -> StepStats:
+        """One optimizer step on a batch of crops, or on N micro-batches of crops (see the module docstring)."""
+        micro_batches = as_micro_batches(crops)
+        n = len(micro_batches)
         frozen = schedule.freeze_last_layer
         set_schedule_values(self.optimizer, schedule.lr, schedule.weight_decay, last_layer_lr=0.0 if frozen else None)
-        with self.autocast():
-            with torch.no_grad():
-                teacher_out = self.teacher(crops[:2])  # only the 2 global views pass through the teacher
-            student_out = self.student(crops)
-        out = self.loss_fn(student_out, teacher_out, schedule.teacher_temp)  # float32 inside, whatever the autocast
-
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out.loss).backward()
+        center = self.loss_fn.center.clone() if n > 1 else None
+        sums, teacher_outputs = None, []
+        for i, micro in enumerate(micro_batches):
+            if center is not None:
+                # DINOLoss moves its centre in every forward; put the step's centre back so that every
+                # micro-batch is centred with it (the (1, K) all-reduce of those moves is wasted, and tiny).
+                self.loss_fn.center.copy_(center)
+            with self.no_sync(last=i == n - 1):
+                with self.autocast():
+                    with torch.no_grad():
+                        teacher_out = self.teacher(micro[:2])  # only the 2 global views pass through the teacher
+                    student_out = self.student(micro)
+                out = self.loss_fn(student_out, teacher_out, schedule.teacher_temp)  # float32 whatever the autocast
+                self.scaler.scale(out.loss / n if n > 1 else out.loss).backward()
+            values = [out.loss.detach(), out.teacher_entropy, out.kl, out.teacher_mean_probs]
+            sums = values if sums is None else [a + b for a, b in zip(sums, values)]
+            if center is not None:
+                teacher_outputs.append(teacher_out.detach())
+        if center is not None:  # one centre update from the teacher rows of all micro-batches
+            self.loss_fn.center.copy_(center)
+            self.loss_fn.update_center(torch.cat(teacher_outputs))
+        loss, entropy, kl, mean_probs = (v / n for v in sums) if n > 1 else sums
+
         self.scaler.unscale_(self.optimizer)  # flags non-finite gradients on the device
         if self.clip_grad:
             clip_gradients(unwrap(self.student), self.clip_grad)
@@ -134,8 +188,8 @@ class DINOStep:
         self.scaler.step(self.optimizer)  # skipped if any gradient is inf/NaN
         self.scaler.update(self.fixed_scale)
         self.update_teacher(schedule.momentum)
-        loss = out.loss.detach()
-        return StepStats(loss=loss, teacher_entropy=out.teacher_entropy, kl=out.kl, loss_is_finite=torch.isfinite(loss))
+        return StepStats(loss=loss, teacher_entropy=entropy, kl=kl, loss_is_finite=torch.isfinite(loss),
+                         prototypes_in_use=effective_prototypes(mean_probs))
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -35,6 +35,7 @@ from simpool.checkpoint import (
     safe_load,
 )
 from simpool.data import DataError, build_labelled_splits, dataset_fingerprint
+from simpool.dino.accum import group_micro_batches
 from simpool.dino.attention_log import AttentionLog
 from simpool.dino.augment import GPUMultiCrop
 from simpool.dino.build import build_dino_step, build_train_loader, use_gpu_augment
@@ -47,6 +48,7 @@ from simpool.dino.checkpointing import (
     unreadable_checkpoint_error,
     write_preemption_marker,
 )
+from simpool.dino.collapse import PROTOTYPES, CollapseMonitor
 from simpool.dino.config import ConfigError, args_to_yaml, parse_args, resolve_precision
 from simpool.dino.init_from import apply_init_weights, read_init_weights
 from simpool.dino.schedules import cosine_scheduler, scaled_lr, teacher_temp_schedule
@@ -63,6 +65,10 @@ log = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
     """Too many consecutive non-finite losses: the run stops and says which checkpoint is the last good one."""
+
+
+class CollapseStopped(RuntimeError):
+    """--stop_on_collapse: the collapse alarm fired; the checkpoint is saved and the message is the warning."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,6 +166,7 @@ class Trainer:
         self.last_index = 0  # schedule index of the latest step
         self.pending_epoch_end: dict[str, Any] | None = None  # an epoch's bookkeeping not yet in log.txt
         self.last_good_checkpoint: str | None = None
+        self.collapse = CollapseMonitor(args.out_dim)
         self.log = RunLogger(
             self.output_dir,
             enabled=self.dist.is_main,
@@ -437,10 +444,10 @@ class Trainer:
         """
         args, niter = self.args, self.niter_per_epoch
         self.sampler.set_epoch(epoch, start_sample=self.epoch_sample)
-        batches_left = len(self.loader)
+        steps_left = len(self.loader) // args.accum_steps  # a tail too short for a whole step is dropped
         self.student.train()
         self.teacher.train()
-        sums = torch.zeros(4, device=self.device)  # loss, entropy, kl, finite steps
+        sums = torch.zeros(5, device=self.device)  # loss, entropy, kl, finite steps, prototypes in use
         consecutive_bad = torch.zeros((), device=self.device, dtype=torch.long)
         skipped_images = 0
         skipped_batches = 0
@@ -450,19 +457,17 @@ class Trainer:
         epoch_start = time.perf_counter()
         fetch_start = time.perf_counter()
         stop_reason = None
-        for batch_number, (crops, _, num_bad) in enumerate(self.loader, start=1):
-            skipped_images += int(num_bad)
+        for step_number, (micro_batches, num_bad) in enumerate(group_micro_batches(self.loader, args.accum_steps),
+                                                               start=1):
+            skipped_images += num_bad
             meter.data_wait += time.perf_counter() - fetch_start
-            on_any, on_all = any_and_all([self.preempt.raised, crops is not None])
+            on_any, on_all = any_and_all([self.preempt.raised, *(m is not None for m in micro_batches)])
             index = self.schedule_index(epoch, self.epoch_sample)
-            if on_all[1]:
-                if self.gpu_multicrop is not None:
-                    padded, sizes = crops
-                    crops = self.gpu_multicrop(padded.to(self.device, non_blocking=True), sizes)
-                else:
-                    crops = [c.to(self.device, non_blocking=True) for c in crops]
-                if self.channels_last:
-                    crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+            # only micro-batches readable on every rank: all ranks then make the same number of backward passes
+            micro_batches = [m for m, everywhere in zip(micro_batches, on_all[1:]) if everywhere]
+            skipped_batches += args.accum_steps - len(micro_batches)
+            if micro_batches:
+                crops = [self.to_device(micro) for micro in micro_batches]  # the micro-batches of one step
                 stats = self.step(crops, self.schedule_at(index, epoch))
                 finite = stats.loss_is_finite
                 sums += torch.stack(
@@ -471,17 +476,16 @@ class Trainer:
                         torch.where(finite, stats.teacher_entropy, 0.0),
                         torch.where(finite, stats.kl, 0.0),
                         finite.float(),
+                        torch.where(finite, stats.prototypes_in_use, 0.0),
                     ]
                 )
                 consecutive_bad = torch.where(finite, torch.zeros_like(consecutive_bad), consecutive_bad + 1)
-                meter.images += crops[0].shape[0] * self.dist.world_size
+                meter.images += sum(micro[0].shape[0] for micro in crops) * self.dist.world_size
                 steps += 1
-            else:  # some rank's batch was entirely unreadable: every rank skips it
-                skipped_batches += 1
-            self.epoch_sample += self.samples_per_batch
+            self.epoch_sample += self.samples_per_step
             self.iteration += 1
             self.last_index = index
-            last = batch_number == batches_left
+            last = step_number == steps_left
 
             done = self.epoch_sample // self.samples_per_step
             if done % args.log_every == 0 or last:
@@ -507,12 +511,24 @@ class Trainer:
             "loss": sums[0].item() / finite_steps,
             "entropy": sums[1].item() / finite_steps,
             "KL_div": sums[2].item() / finite_steps,
+            "prototypes_in_use": sums[PROTOTYPES].item() / finite_steps,
             "lr": float(self.lr_schedule[index]),
             "wd": float(self.wd_schedule[index]),
             "skipped_steps": int(steps * self.dist.world_size - sums[3].item()),
             "unreadable_images": int(total_skipped.item()),
             "skipped_batches": skipped_batches,
         }, stop_reason
+
+    def to_device(self, crops) -> list[torch.Tensor]:
+        """One loader batch's crops on the device (made there from the padded images on the GPU path)."""
+        if self.gpu_multicrop is not None:
+            padded, sizes = crops
+            crops = self.gpu_multicrop(padded.to(self.device, non_blocking=True), sizes)
+        else:
+            crops = [c.to(self.device, non_blocking=True) for c in crops]
+        if self.channels_last:
+            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+        return crops
 
     def schedule_at(self, it: int, epoch: int) -> StepSchedule:
         return StepSchedule(lr=self.lr_schedule[it], weight_decay=self.wd_schedule[it],
@@ -546,8 +562,20 @@ class Trainer:
             "mem_GiB": peak_memory_gib(self.device),
             "eta_s": eta,
         }
-        self.log.progress(done, niter, epoch, values, step=self.iteration)
+        reading, warning = self.collapse.observe(sums)
+        if reading is not None:
+            values.update(entropy=reading.entropy, KL=reading.kl, prototypes=reading.prototypes_in_use)
+        it = self.last_index
+        record = {"wd": float(self.wd_schedule[it]), "momentum": float(self.momentum_schedule[it]),
+                  "teacher_temp": float(self.teacher_temp_schedule[it])}
+        self.log.progress(done, niter, epoch, values, step=self.iteration, record=record)
         meter.reset()
+        if warning:
+            self.log.warning(warning)
+            if self.args.stop_on_collapse:
+                self.save()
+                self.log.print(f"--stop_on_collapse: saved {self.checkpoint_path}, stopping")
+                raise CollapseStopped(warning)
 
     # -- online k-NN ---------------------------------------------------------------------------------------
     def knn_datasets(self):
@@ -611,6 +639,10 @@ def main(argv: list[str] | None = None) -> int:
         stats = trainer.fit()
     except (TrainingStopped, CheckpointWriteError) as err:
         return bad_input(err, code=1)
+    except CollapseStopped as err:
+        trainer.log.finish()
+        trainer.log.warning(str(err))  # the alarm is the run's last line
+        return 1
     if stats.get("preempted"):
         write_preemption_marker(trainer.dist.rank)
         return 0

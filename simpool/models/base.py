@@ -45,6 +45,12 @@ class PooledBackbone(nn.Module):
         self.build_kwargs = build_kwargs
         self.simpool = SimPool(embed_dim, gamma=gamma, use_beta=use_beta) if mode == "simpool" else None
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the trunk (timm's ``set_grad_checkpointing``, which the ViT, ResNet and
+        ConvNeXt classes inherit ahead of this one); a family without it raises ``ValueError``."""
+        if enable:
+            raise ValueError(f"{self.arch} does not support gradient checkpointing")
+
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every family overrides
         raise NotImplementedError
 

@@ -44,6 +44,15 @@ class TimmBackbone(PooledBackbone):
     def is_convnet(self) -> bool:
         return not self.is_transformer
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch on the wrapped model; models that lack it (timm asserts) raise ``ValueError``."""
+        try:
+            self.model.set_grad_checkpointing(enable)
+        except (AssertionError, NotImplementedError, AttributeError):
+            if enable:
+                raise ValueError(f"timm's {self.arch} does not support gradient checkpointing; "
+                                 "drop --grad_checkpointing or pick another arch") from None
+
     def _features_for_pooling(self, x: torch.Tensor) -> torch.Tensor:
         features = self.model.forward_features(x)
         if features.ndim == 3:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 from simpool.models.base import PooledBackbone, check_mode
@@ -121,8 +122,15 @@ class SimPoolViT(VisionTransformer, PooledBackbone):
         return self.norm_pre(self.patch_drop(x))
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The last block's tokens, before the final norm: (B, [1 +] N, d)."""
-        return self.blocks(self.prepare_tokens(x))
+        """The last block's tokens, before the final norm: (B, [1 +] N, d).
+
+        With ``set_grad_checkpointing(True)`` (timm's switch) each block's activations are recomputed in
+        backward instead of kept, as timm's own ``forward_features`` does.
+        """
+        x = self.prepare_tokens(x)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.forward_tokens(x)

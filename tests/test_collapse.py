@@ -1,0 +1,124 @@
+"""Collapse alarms: tiny runs driven into each collapse mode on purpose raise the right warning; a healthy one
+none; --stop_on_collapse ends a run with a checkpoint, exit code 1 and the warning as its last line."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from simpool import build_backbone
+from simpool.dino.collapse import CollapseMonitor, collapse_mode
+from simpool.dino.config import ConfigError, parse_args
+from simpool.dino.head import DINOHead, MultiCropWrapper
+from simpool.dino.loss import DINOLoss
+from simpool.dino.optim import build_optimizer, get_params_groups
+from simpool.dino.step import DINOStep, StepSchedule
+from simpool.dino.train import main
+from tests.conftest import REPO
+from tests.test_train import FASHION_TINY, needs_fashion
+
+K = 64
+
+
+def monitored_run(teacher_temp: float, center_momentum: float, steps: int = 40, log_every: int = 5):
+    """A tiny DINO run on noisy views of random images, its running sums fed to the monitor every log step as
+    Trainer.report does; returns the readings and the warnings."""
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny", patch_size=4, depth=1, embed_dim=32, num_heads=2, img_size=16)
+    student = MultiCropWrapper(backbone, DINOHead(32, K, hidden_dim=32, bottleneck_dim=16, use_bn=False,
+                                                  norm_last_layer=False))
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad = False
+    step = DINOStep(student, teacher, DINOLoss(K, 4, center_momentum=center_momentum),
+                    build_optimizer("adamw", get_params_groups(student)), clip_grad=3.0)
+    monitor = CollapseMonitor(K)
+    g = torch.Generator().manual_seed(0)
+    sums = torch.zeros(5)
+    readings, warnings = [], []
+    for i in range(steps):
+        images = torch.randn(16, 3, 16, 16, generator=g)
+        small = torch.nn.functional.avg_pool2d(images, 2)
+        crops = [images + 0.3 * torch.randn(images.shape, generator=g) for _ in range(2)]
+        crops += [small + 0.3 * torch.randn(small.shape, generator=g) for _ in range(2)]
+        stats = step(crops, StepSchedule(lr=1e-2, weight_decay=0.04, momentum=0.99, teacher_temp=teacher_temp))
+        sums += torch.stack([stats.loss, stats.teacher_entropy, stats.kl, torch.ones(()), stats.prototypes_in_use])
+        if (i + 1) % log_every == 0:
+            reading, warning = monitor.observe(sums)
+            readings.append(reading)
+            if warning:
+                warnings.append(warning)
+    return readings, warnings
+
+
+def test_uniform_collapse_from_a_flat_teacher_is_named():
+    readings, warnings = monitored_run(teacher_temp=100.0, center_momentum=0.9)  # no sharpening at all
+    assert readings[-1].entropy_fraction > 0.99 and readings[-1].kl < readings[0].kl
+    assert len(warnings) == 1  # once, not at every log point
+    assert warnings[0].startswith("collapse alarm: uniform collapse")
+    assert "--teacher_temp" in warnings[0] and "--center_momentum" in warnings[0]
+
+
+def test_one_prototype_collapse_without_centring_is_named():
+    readings, warnings = monitored_run(teacher_temp=0.001, center_momentum=1.0)  # over-sharpened, no centre
+    assert readings[-1].prototypes_in_use <= 2.0 and readings[-1].entropy_fraction < 0.05
+    assert len(warnings) == 1 and warnings[0].startswith("collapse alarm: one prototype collapse")
+
+
+def test_healthy_run_raises_no_alarm():
+    readings, warnings = monitored_run(teacher_temp=0.04, center_momentum=0.9)
+    assert warnings == []
+    assert all(r.mode is None for r in readings)
+    assert min(r.prototypes_in_use for r in readings) > 4 and max(r.entropy_fraction for r in readings) < 0.95
+
+
+@pytest.mark.parametrize(("entropy", "kl", "prototypes", "mode"), [
+    (0.99 * math.log(K), 0.01, 60.0, "uniform"),
+    (0.99 * math.log(K), 2.0, 60.0, None),  # flat teacher the student does not follow (yet): no alarm
+    (0.01, 0.5, 1.2, "one_prototype"),
+    (0.01, 0.5, 30.0, None),  # sharp teacher over many prototypes: healthy DINO
+])
+def test_regions(entropy, kl, prototypes, mode):
+    assert collapse_mode(entropy, kl, prototypes, K) == mode
+
+
+def test_window_restarts_with_the_epoch_sums():
+    monitor = CollapseMonitor(K, patience=2)
+    collapsed = torch.tensor([4.0, 0.0, 4.0, 4.0, 4.0])  # 4 steps: 1 prototype in use
+    assert monitor.observe(collapsed)[1] is None
+    healthy_after = collapsed + torch.tensor([4.0, 0.0, 4.0, 4.0, 80.0])  # next 4 steps: 20 in use
+    reading, warning = monitor.observe(healthy_after)
+    assert reading.prototypes_in_use == 20.0 and warning is None
+    new_epoch = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])  # sums restart at 0: the window is the new sums
+    assert monitor.observe(new_epoch)[0].prototypes_in_use == 1.0
+    assert monitor.observe(new_epoch * 2)[1].startswith("collapse alarm: one prototype")
+
+
+@needs_fashion
+def test_stop_on_collapse_saves_and_exits_1_with_the_warning_last(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([*FASHION_TINY, "--epochs", "4", "--output_dir", str(out), "--stop_on_collapse", "True",
+                 "--lr", "2", "--teacher_temp", "100", "--warmup_teacher_temp", "100"])  # a flat teacher
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 1, lines[-5:]
+    assert lines[-1].startswith("collapse alarm: uniform collapse"), lines[-5:]
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert 3 <= state["iteration"] < 20  # stopped early (4 epochs of 5 steps), on the log step of the alarm
+    assert (out / "progress.jsonl").read_text().count("prototypes") == state["iteration"]
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_parses_and_builds_its_loss(config):
+    """Each configs/ recipe is a valid flag set (types, choices, ranges as on the command line)."""
+    args = parse_args(["--config", str(config), "--data_path", "fashion-mnist"])
+    assert args.accum_steps >= 1 and 0 < args.center_momentum <= 1
+    assert args.batch_size_per_gpu * args.accum_steps <= 1024 and args.out_dim > 0
+
+
+def test_local_crops_not_divisible_by_the_patch_stop_before_training():
+    """Found by the sweep: --patch_size 4 with the demo's 14 px local crops failed after the k-NN baselines."""
+    with pytest.raises(ConfigError, match="--local_crops_size 14 is not a multiple of --patch_size 4"):
+        parse_args(["--config", str(REPO / "configs" / "demo.yaml"), "--patch_size", "4"])
