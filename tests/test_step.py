@@ -185,17 +185,21 @@ def sums(tensors):
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_step_reproduces_the_previous_implementation(optimizer):
     """Losses, centre, weights and optimizer state over 30 steps equal those recorded before the refactor."""
+    # rtol: the numbers were recorded on another x86 CPU; float32 rounding differs between CPUs' kernels and
+    # drifts over 30 steps to at most 3.5e-5 relative (measured on a second machine), while a real change is
+    # orders larger (clip_grad 0.3 -> 0.33 moves the losses by 2.6e-2 relative).
+    rtol = 2e-4
     step, stats, losses, _ = run_recorded_recipe(optimizer)
     expected = RECORDED[optimizer]
-    np.testing.assert_allclose(losses, expected["losses"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(losses, expected["losses"], rtol=rtol, atol=1e-7)
     np.testing.assert_allclose([float(stats.teacher_entropy), float(stats.kl)], [expected["entropy"], expected["kl"]],
-                               rtol=1e-5)
+                               rtol=rtol)
     student = step.student
     optimizer_state = [t for s in step.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
     for key, tensors in (("center", [step.loss_fn.center]), ("student", student.parameters()),
                          ("teacher", step.teacher.parameters()), ("last_layer", student.head.last_layer.parameters()),
                          ("opt_state", optimizer_state)):
-        np.testing.assert_allclose(sums(tensors), expected[key], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(sums(tensors), expected[key], rtol=rtol, err_msg=key)
 
 
 def test_frozen_last_layer_gets_no_update_and_no_optimizer_state():

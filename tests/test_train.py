@@ -257,6 +257,8 @@ def test_shipped_configs_parse(config):
 
     args = parse_args(["--config", str(config), "--data_path", "fashion-mnist"])
     assert args.epochs > 0 and args.arch
+    assert args.accum_steps >= 1 and 0 < args.center_momentum <= 1
+    assert args.batch_size_per_gpu * args.accum_steps <= 1024 and args.out_dim > 0
 
 
 @needs_fashion
