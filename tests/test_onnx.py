@@ -17,7 +17,12 @@ from simpool.loading import load_backbone
 from simpool.models import build_backbone
 from tests.conftest import REPO, TINY_RESNET, TINY_VIT
 
-onnxruntime = pytest.importorskip("onnxruntime")  # the [onnx] extra; `make install` installs it
+try:
+    import onnxruntime
+except ImportError:  # the [onnx] extra; `make install` (and so CI) installs it, where a skip would hide a gap
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("onnxruntime is not installed: pip install -e '.[onnx]'", allow_module_level=True)
 
 CASES = {
     "simpool_vit": ("vit_tiny", "simpool", TINY_VIT),

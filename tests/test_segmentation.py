@@ -136,7 +136,7 @@ def test_image_size_must_fit_the_stride(tmp_path, capsys):
 # the probe end to end
 # ----------------------------------------------------------------------------------------------------------
 def run_probe(out: Path, *extra: str, flags=TINY_FLAGS) -> dict:
-    torch.manual_seed(0)  # --random_init draws the backbone from the global RNG: the same one every run
+    torch.manual_seed(torch.seed())  # a new global RNG state: the CLI must seed --random_init itself (--seed)
     code = seg_cli.main([*flags, "--data_path", "fashion-on-photos:24", "--image_size", "32", "--epochs", "4",
                          "--val_freq", "2", "--output_dir", str(out), *extra])
     assert code == 0

@@ -93,7 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="learning rates, one head each, trained together (used as given)")
     group.add_argument("--weight_decay", default=0.0, type=float, help="SGD weight decay of the heads")
     group.add_argument("--val_freq", default=5, type=int, help="evaluate every N epochs (and after the last)")
-    group.add_argument("--seed", default=0, type=int, help="seed of the head initialisation and batch order")
+    group.add_argument("--seed", default=0, type=int,
+                       help="seed of the head initialisation and batch order (and of --random_init weights)")
     group.add_argument("--output_dir", default=".", help=f"{RESULTS_FILE}, {CHECKPOINT_FILE} and {LOG_FILE} go here")
     group.add_argument("--save_predictions", default=0, type=int,
                        help=f"draw the first N val images as image | truth | prediction (best lr) in "
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     device, output_dir = dist_info.device, Path(args.output_dir)
     checkpoint = output_dir / CHECKPOINT_FILE
     try:
+        # --random_init draws from the global RNG, whose start is random per process: seed it so that every rank
+        # (and every rerun) embeds with the same network
+        torch.manual_seed(args.seed)
         model, source = build_model(args, device)
         check_stride(model, args.image_size)
         with torch.no_grad():
