@@ -48,6 +48,12 @@ VARIANTS: dict[str, list[str]] = {
     "resnet_bs32_lr2x": [*SHORT, *RESNET, "--lr", "0.008", "--batch_size_per_gpu", "32"],
     "resnet_bs32_out256": [*SHORT, *RESNET, "--lr", "0.004", "--batch_size_per_gpu", "32", "--out_dim", "256"],
     "resnet_bs16": [*SHORT, *RESNET, "--lr", "0.004", "--batch_size_per_gpu", "16"],
+    # demo candidates (k-NN every epoch, baselines on): 4,000 images, 2 epochs
+    "demo_resnet": [*RESNET, "--subset", "400", "--epochs", "2", "--batch_size_per_gpu", "32", "--lr", "0.008",
+                    "--local_crops_number", "2", "--eval_every", "1", "--warmup_epochs", "0", "--log_every", "25"],
+    "demo_resnet_small": [*RESNET, "--subset", "200", "--epochs", "2", "--batch_size_per_gpu", "32", "--lr", "0.008",
+                          "--local_crops_number", "2", "--eval_every", "1", "--warmup_epochs", "0", "--log_every",
+                          "25", "--knn_baselines", "False", "--freeze_last_layer", "0"],
 }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import sys
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
 from simpool.dino.step import DINOStep, StepSchedule
 from simpool.dino.train import main
-from tests.test_train import FASHION_TINY, needs_fashion
+from tests.test_train import FASHION_TINY, _free_port, needs_fashion, run_cli
 
 K = 32
 
@@ -145,3 +147,25 @@ def test_training_run_counts_optimizer_steps_and_resumes_on_their_boundaries(tmp
     for key in a["teacher"]:
         torch.testing.assert_close(b["teacher"][key], a["teacher"][key], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b["dino_loss"]["center"], a["dino_loss"]["center"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_two_gloo_processes_accumulate_and_stop_on_collapse_together(tmp_path):
+    """torchrun, 2 gloo processes: --accum_steps 2 keeps the teachers identical and counts optimizer steps; the
+    collapse alarm is decided on all-reduced values, so both ranks stop at the same step (no hang), exit 1."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port())]
+    small = [*FASHION_TINY, "--subset", "4", "--batch_size_per_gpu", "2", "--accum_steps", "2"]
+    out = tmp_path / "ddp"
+    result = run_cli([*small, "--epochs", "1", "--output_dir", str(out)], launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    epoch_log = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert epoch_log["teacher_rank_max_diff"] == 0.0
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 5  # 40 images / (2 x 2 x 2)
+    out = tmp_path / "collapse"
+    result = run_cli([*small, "--epochs", "4", "--output_dir", str(out), "--stop_on_collapse", "True", "--lr", "2",
+                      "--teacher_temp", "100", "--warmup_teacher_temp", "100"], launcher=launcher)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("collapse alarm: uniform collapse")
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] < 20

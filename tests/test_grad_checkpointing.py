@@ -74,3 +74,12 @@ def test_flag_reaches_the_student_only_and_unsupported_is_a_config_error():
     args.arch, args.model_overrides = "convit_tiny", {"depth": 1}
     with pytest.raises(ConfigError, match="--grad_checkpointing True: timm.s convit_tiny does not support"):
         build_student_teacher(args, torch.device("cpu"))
+
+
+def test_memory_benchmark_measures_a_saving(capsys):
+    """benchmarks/grad_checkpointing.py at a tiny size: the profiler-based peak is smaller with checkpointing."""
+    from benchmarks.grad_checkpointing import main
+
+    main(["--archs", "vit_tiny", "--batch", "4", "--size", "128", "--device", "cpu"])
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[0] == "vit_tiny" and float(row[5].rstrip("x")) > 3, row

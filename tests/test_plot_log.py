@@ -28,7 +28,7 @@ def fake_run(folder, loss_scale=1.0):
 
 def test_curves_png_of_one_and_of_two_runs(tmp_path, capsys):
     a, b = fake_run(tmp_path / "a"), fake_run(tmp_path / "b", loss_scale=2.0)
-    capsys.readouterr()  # RunLogger's own console lines (shown when an earlier test set up logging)
+    capsys.readouterr()  # RunLogger's progress lines, printed when an earlier test set up logging
     run = read_run(a)
     assert run["out_dim"] == 1024 and len(run["steps"]) == 6 and len(run["epochs"]) == 2
     assert run["baselines"]["raw_pixels"]["10"][0] == 79.1

@@ -81,7 +81,7 @@ def plot_runs(runs: list[dict[str, Any]], out: Path) -> Path:
                                          ("rate", "img/s", None), ("wait", "data%", None)]:
             x, y, xlabel = _series(run, step_key, epoch_key or "-")
             if y:
-                ax[key].plot(x, y, color=c, label=name)
+                ax[key].plot(x, y, color=c, label=name, marker="o" if len(y) < 3 else None, ms=4)
                 ax[key].set_xlabel(xlabel)
                 has_data.add(key)
         for step_key, epoch_key, style, label in [("lr", "train_lr", "-", "lr"), ("wd", "train_wd", "--", "wd")]:
@@ -100,8 +100,8 @@ def plot_runs(runs: list[dict[str, Any]], out: Path) -> Path:
         for j, k in enumerate(ks[:2]):
             pts = [(e, t[k][0]) for e, t in knn if k in t]
             ax["knn"].plot(*zip(*pts), "o-" if j == 0 else "s--", color=c, label=f"{k}-NN ({name})")
-        if run["baselines"] and ks:
-            k = ks[0]
+        if run["baselines"]:
+            k = ks[0] if ks else min(run["baselines"].get("raw_pixels", {"": 0}), key=lambda v: int(v or 0))
             for base, style in [("random_init", "--"), ("raw_pixels", ":")]:
                 if k in run["baselines"].get(base, {}):
                     ax["knn"].axhline(run["baselines"][base][k][0], ls=style, color=c, lw=1,

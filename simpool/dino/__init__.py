@@ -11,6 +11,9 @@
 - ``augment/``: the multi-crop views -- ``params`` (crop recipes and their sampling), ``ops`` (pixel operations),
   ``cpu`` (``DataAugmentationDINO``, per image in the loader workers), ``batched`` (``GPUMultiCrop``, the same
   views for a whole batch on the device).
+- ``collapse``: ``CollapseMonitor`` -- the uniform / one-prototype collapse alarms from entropy, KL and the
+  prototypes in use.
+- ``accum``: groups loader batches into the micro-batches of one optimizer step (``--accum_steps``).
 - ``checkpointing``: seeds, RNG states for exact resume, the preemption flag.
 - ``build``: student and teacher, DDP / compile wrappers, the multi-crop loader and the ``DINOStep``, from the
   flags (shared by ``train`` and ``benchmarks/train_step.py``).
@@ -26,6 +29,7 @@ Example:
 """
 
 from simpool.dino.augment import DataAugmentationDINO, GPUMultiCrop
+from simpool.dino.collapse import CollapseMonitor
 from simpool.dino.head import DINOHead, MultiCropWrapper
 from simpool.dino.loss import DINOLoss, DINOLossOutput
 from simpool.dino.optim import build_optimizer, get_params_groups
@@ -33,6 +37,7 @@ from simpool.dino.schedules import cosine_scheduler, scaled_lr, teacher_temp_sch
 from simpool.dino.step import DINOStep, StepSchedule
 
 __all__ = [
+    "CollapseMonitor",
     "DINOHead",
     "DINOLoss",
     "DINOLossOutput",
