@@ -91,6 +91,7 @@ def load_model(
     gamma: float | str | None | _Unset = FROM_CHECKPOINT,
     patch_size: int | None = None,
     random_init: bool = False,
+    seed: int = 0,
     **overrides: Any,
 ) -> tuple[PooledBackbone, ModelSource]:
     """The backbone ``weights`` hold, in eval mode on the CPU, and where it came from.
@@ -102,6 +103,8 @@ def load_model(
         gamma: ``FROM_CHECKPOINT`` = as recorded (the arch's default when nothing is); a float, ``None`` (no
             gamma) or ``AUTO_GAMMA`` (the arch's default).
         random_init: build random weights on purpose (``weights`` must then be None).
+        seed: the seed of those random weights, so that every process and every rerun gets the same network
+            (torch's own start seed differs per process); the global RNG is left as it was.
         **overrides: timm keywords merged over the run's recorded ``model_overrides``, e.g. ``depth=2``.
 
     Raises ``ValueError`` (a :class:`simpool.checkpoint.CheckpointError` for weights that do not fit the model)
@@ -113,7 +116,9 @@ def load_model(
     if random_init:
         if weights is not None:
             raise ValueError("random_init=True builds random weights: pass weights=None, or drop random_init")
-        model = _build(RANDOM_INIT_ARGS, "random_init", **flags)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _build(RANDOM_INIT_ARGS, "random_init", **flags)
         return model.eval(), ModelSource(None, model.arch, model.mode, model.gamma)
     if weights is None:
         raise ValueError("no weights given: pass a checkpoint file or an export folder, or random_init=True")

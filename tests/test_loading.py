@@ -81,3 +81,17 @@ def test_backbone_flags_are_load_model_keywords():
     args = parser.parse_args(["--gamma", "None", "--patch_size", "8", "--model_overrides", "depth=1", "embed_dim=32"])
     assert backbone_flags(args) == {"arch": None, "mode": None, "gamma": None, "patch_size": 8, "depth": 1,
                                     "embed_dim": 32}
+
+
+def test_random_init_is_the_same_network_in_every_process():
+    """torch's start seed differs per process: random_init seeds its own draw (and leaves the global RNG alone)."""
+    torch.manual_seed(torch.seed())  # any global state, as a fresh process has
+    before = torch.get_rng_state()
+    a, _ = load_model(random_init=True, depth=1)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(torch.seed())
+    b, _ = load_model(random_init=True, depth=1)
+    c, _ = load_model(random_init=True, depth=1, seed=1)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert any(not torch.equal(x, z) for x, z in zip(a.state_dict().values(), c.state_dict().values()))

@@ -169,7 +169,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[PooledB
     ``vit_small`` in ``simpool`` mode unless they say otherwise.
     """
     model, source = load_model(args.pretrained_weights or None, args.checkpoint_key, random_init=args.random_init,
-                               **backbone_flags(args))
+                               seed=getattr(args, "seed", 0), **backbone_flags(args))
     model = model.to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)

@@ -99,7 +99,7 @@ def build_finetune_model(args: argparse.Namespace, num_classes: int) -> tuple[Fi
     Raises ``ValueError`` (``CheckpointError``) when the weights do not fit the flags, naming the flag.
     """
     backbone, source = load_model(args.pretrained_weights or None, args.checkpoint_key,
-                                  random_init=args.random_init, **backbone_flags(args))
+                                  random_init=args.random_init, seed=args.seed, **backbone_flags(args))
     model = FineTuneModel(with_drop_path(backbone, args.drop_path), num_classes)
     return model.train(), source
 
