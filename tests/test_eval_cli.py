@@ -96,6 +96,9 @@ def test_knn_prints_table_writes_json_equal_to_the_library(trained, tmp_path, ca
                                      eval_transform(int(IMAGE_SIZE)))
     train_x, train_y = extract_features(model, splits[0], batch_size=5)
     val_x, val_y = extract_features(model, splits[1], batch_size=3)
+    # real loader workers (their worker_init_fn ignores preemption signals) give the same features
+    workers_x, workers_y = extract_features(model, splits[0], batch_size=5, num_workers=2)
+    assert torch.equal(workers_x, train_x) and torch.equal(workers_y, train_y)
     dumped = {split: torch.load(dump / f"{split}.pth", weights_only=True) for split in ("train", "val")}
     torch.testing.assert_close(dumped["train"]["features"], train_x)  # teacher, eval transform, normalised
     torch.testing.assert_close(dumped["val"]["features"], val_x)
