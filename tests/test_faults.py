@@ -280,18 +280,23 @@ def test_an_all_unreadable_batch_keeps_the_counter_exact(tmp_path):
     assert (state["epoch"], state["epoch_sample"], state["iteration"]) == (2, 0, 6)  # 12 images / 4, x 2
 
 
-def test_an_all_unreadable_batch_on_one_of_two_ranks_skips_on_both(tmp_path):
+@pytest.mark.parametrize("accum_steps, steps", [(1, 3), (2, 1)])  # 12 images / (2 x 2 x accum_steps)
+def test_an_all_unreadable_batch_on_one_of_two_ranks_skips_on_both(tmp_path, accum_steps, steps):
+    """With --accum_steps 2 the unreadable batch is one micro-batch of a step: both ranks drop it and make the
+    step from the other one (the same number of backward passes, else DDP would hang)."""
     data = _photos(tmp_path / "photos")
     _corrupt_batch(data, world=2, batch=2, rank=1)
     out = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(_free_port())]
-    flags = [*TINY, "--data_path", str(data), "--batch_size_per_gpu", "2", "--epochs", "1", "--output_dir", str(out)]
+    flags = [*TINY, "--data_path", str(data), "--batch_size_per_gpu", "2", "--epochs", "1", "--output_dir", str(out),
+             "--accum_steps", str(accum_steps)]
     result = run_cli(flags, launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
     line = log_lines(out)[-1]
     assert line["train_skipped_batches"] == 1 and line["teacher_rank_max_diff"] == 0.0
-    assert state_of(out / "checkpoint.pth")["iteration"] == 3  # 12 images / (2 x 2)
+    assert line["train_skipped_steps"] == 0  # the step itself was made
+    assert state_of(out / "checkpoint.pth")["iteration"] == steps
 
 
 BOUNDARY = [*FASHION_TINY, "--epochs", "2", "--saveckp_freq", "1", "--eval_every", "1"]
