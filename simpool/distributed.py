@@ -155,5 +155,7 @@ def all_gather_varlen(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def cleanup() -> None:
+    """Destroy the process group (and with it the control group) of this process."""
+    _control_group.clear()
     if is_distributed():
         dist.destroy_process_group()

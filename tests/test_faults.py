@@ -80,9 +80,10 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="fi
 def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_zero(tmp_path):
     """Workers get the signal first (the order that broke the save), then the whole group gets it."""
     out = tmp_path / "run"
-    # 200 images, 50 steps per epoch: the epoch (and its workers) outlives the test's signals
-    proc = start([*FASHION_TINY, "--subset", "20", "--num_workers", "2", "--epochs", "200", "--output_dir", str(out)])
-    seen = read_until(proc, "epoch 0 [2/50]")
+    # 2,000 images, 500 steps per epoch: the epoch (and its workers, which each epoch starts anew) outlives the
+    # test's signals; with 50 steps an idle machine finished the epoch within the 0.5 s below
+    proc = start([*FASHION_TINY, "--subset", "200", "--num_workers", "2", "--epochs", "200", "--output_dir", str(out)])
+    seen = read_until(proc, "epoch 0 [2/500]")
     workers = children(proc.pid)
     assert len(workers) == 2, workers
     for pid in workers:
@@ -94,7 +95,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_zero(t
     assert proc.returncode == 0, output[-3000:]
     assert "preempted (SIGTERM): saved" in output and "Traceback" not in output, output[-3000:]
     state = state_of(out / "checkpoint.pth")
-    assert state["iteration"] >= 2 and state["epoch_sample"] == 4 * (state["iteration"] % 50)
+    assert state["iteration"] >= 2 and state["epoch_sample"] == 4 * (state["iteration"] % 500)
 
 
 @needs_fashion

@@ -53,7 +53,7 @@ from simpool.dino.config import ConfigError, args_to_yaml, parse_args, resolve_p
 from simpool.dino.init_from import apply_init_weights, read_init_weights
 from simpool.dino.schedules import cosine_scheduler, scaled_lr, teacher_temp_schedule
 from simpool.dino.step import StepSchedule, unwrap
-from simpool.distributed import all_reduce_sum, any_and_all, barrier, control_group, init_distributed
+from simpool.distributed import all_reduce_sum, any_and_all, barrier, cleanup, control_group, init_distributed
 from simpool.evaluation.features import eval_transform, evenly_spaced_subset, extract_features
 from simpool.evaluation.knn import knn_on_features
 from simpool.flags import bad_input
@@ -643,6 +643,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer.log.finish()
         trainer.log.warning(str(err))  # the alarm is the run's last line
         return 1
+    # Every rank is here (stops are agreed on): leave the process group together. A rank exiting while its
+    # peer's gloo threads still talk to it made the peer abort ("terminate called without an active exception").
+    barrier()
+    cleanup()
     if stats.get("preempted"):
         write_preemption_marker(trainer.dist.rank)
         return 0
