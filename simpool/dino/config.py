@@ -253,20 +253,27 @@ def load_yaml_flags(path: str | Path, actions: dict[str, argparse.Action]) -> di
     return converted
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line over the values of an optional ``--config`` file, then validate.
+def parse_over_config(parser: argparse.ArgumentParser, actions: dict[str, argparse.Action],
+                      argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` over the values of the ``--config`` YAML file ``argv`` names, if any.
 
     timm's pattern: a first parse reads only ``--config``; the file's values become the parser's defaults
     (``set_defaults``), so the full parse lets every flag typed on the command line win.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, actions = build_parser()
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("--config", type=str, default=None)
     config, _ = config_parser.parse_known_args(argv)
     if config.config:
         parser.set_defaults(**load_yaml_flags(config.config, actions))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line over the values of an optional ``--config`` file (``parse_over_config``), then
+    validate."""
+    parser, actions = build_parser()
+    args = parse_over_config(parser, actions, argv)
     if isinstance(args.model_overrides, list):  # nargs="*" gives a list of one-key dicts
         args.model_overrides = {k: v for item in args.model_overrides for k, v in item.items()}
     validate_args(args)

@@ -171,9 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     device, output_dir = dist_info.device, Path(args.output_dir)
     checkpoint = output_dir / CHECKPOINT_FILE
     try:
-        # --random_init draws from the global RNG, whose start is random per process: seed it so that every rank
-        # (and every rerun) embeds with the same network
-        torch.manual_seed(args.seed)
         model, source = build_model(args, device)
         check_stride(model, args.image_size)
         with torch.no_grad():

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from typing import Any
 
 from PIL import Image, ImageOps
 from timm.optim import list_optimizers
 
-from simpool.dino.config import ConfigError, load_yaml_flags
+from simpool.dino.config import ConfigError, parse_over_config
 from simpool.evaluation.common import add_distributed_flags, add_model_flags, require_weights
 from simpool.flags import bool_flag
 
@@ -106,17 +105,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
 
 def parse_finetune_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line over an optional ``--config`` file, then :func:`validate`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser, actions = build_parser()
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--config", type=str, default=None)
-    config, _ = first.parse_known_args(argv)
-    if config.config:
-        try:
-            parser.set_defaults(**load_yaml_flags(config.config, actions))
-        except ConfigError as err:
-            raise FinetuneSetupError(str(err)) from None
-    args = parser.parse_args(argv)
+    try:
+        args = parse_over_config(parser, actions, argv)
+    except ConfigError as err:  # the --config file's values
+        raise FinetuneSetupError(str(err)) from None
     validate(args)
     return args
 
