@@ -30,7 +30,7 @@ def object_grid(generator: torch.Generator, d: int = 16, h: int = 6, w: int = 7)
 def test_components_match_scikit_learn():
     x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1)) * torch.arange(1.0, 9.0)
     mean, components = principal_components(x, 3)
-    reference = PCA(n_components=3, svd_solver="full").fit(x.numpy())
+    reference = PCA(n_components=3, svd_solver="full").fit(x.double().numpy())  # float64, as ours
     np.testing.assert_allclose(mean.numpy(), reference.mean_, rtol=1e-6)
     # same directions up to sign
     np.testing.assert_allclose(np.abs(components.numpy().T @ reference.components_.T), np.eye(3), atol=1e-6)
