@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from simpool.data import FASHION_MNIST_DIR
-from simpool.data.fashion_on_photos import write_voc_style
+from simpool.data.generated.voc import write_voc_style
 from simpool.data.masks import MaskSample, mask_to_box
 from simpool.evaluation.attention import (
     evaluate_attention,

@@ -19,8 +19,8 @@ from simpool.data.fashion_on_photos import (
     load_fashion_mnist,
     make_fashion_on_photos,
     render_fashion_on_photo,
-    write_voc_style,
 )
+from simpool.data.generated.voc import write_voc_style
 from simpool.data.masks import read_mask_folder
 from simpool.evaluation.attention_metrics import evaluate_maps
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from simpool.data.fashion_on_photos import SEGMENTATION_CLASSES, class_mask, render_fashion_on_photo, write_voc_style
+from simpool.data.fashion_on_photos import SEGMENTATION_CLASSES, class_mask, render_fashion_on_photo
+from simpool.data.generated.voc import write_voc_style
 from simpool.data.segmentation import SegmentationFolder, build_segmentation_splits
 from simpool.evaluation import segmentation as seg_cli
 from simpool.evaluation.segmentation_probe import (

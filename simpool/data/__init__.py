@@ -13,7 +13,8 @@
 
 from simpool.data.build import build_dataset, build_labelled_splits, dataset_fingerprint
 from simpool.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FashionMNIST
-from simpool.data.fashion_on_photos import FashionOnPhotosDataset, make_fashion_on_photos, write_voc_style
+from simpool.data.fashion_on_photos import FashionOnPhotosDataset, make_fashion_on_photos
+from simpool.data.generated.voc import write_voc_style
 from simpool.data.images import (
     BadSample,
     CollatedBatch,

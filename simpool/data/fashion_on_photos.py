@@ -31,7 +31,7 @@ Example::
     >>> data = make_fashion_on_photos(8, image_size=96, seed=0, split="test")
     >>> data.images.shape, data.masks.shape, data.boxes[0], data.labels[0]
     (torch.Size([8, 3, 96, 96]), torch.Size([8, 96, 96]), tensor([12,  6, 65, 57]), tensor(2))
-    >>> write_voc_style("/tmp/fop", 100)                  # JPEGImages/ + SegmentationObject/ + SegmentationClass/
+    >>> write_voc_style("/tmp/fop", 100)   # simpool.data.generated.voc: JPEGImages/ + SegmentationObject/ + ...
     >>> class_mask(render_fashion_on_photo(0))            # (S, S) uint8: 0 background, 1 + Fashion-MNIST class
     >>> folder = simpool.data.masks.read_mask_folder("/tmp/fop")   # also reads real PASCAL VOC folders
 """
@@ -69,7 +69,6 @@ __all__ = [
     "make_fashion_on_photos",
     "FashionOnPhotosDataset",
     "mask_samples",
-    "write_voc_style",
     "SEGMENTATION_CLASSES",
     "class_mask",
     "voc_palette",
@@ -412,59 +411,3 @@ class FashionOnPhotosDataset(Dataset):
                              f"{self.image_size}): in eval mode the transform must not crop/resize, or the "
                              "mask would not fit; build the dataset at the size you need (image_size=...)")
         return tensor, torch.from_numpy(sample.mask), torch.from_numpy(sample.box)
-
-
-# ----------------------------------------------------------------------------- VOC-style folders
-
-
-def write_voc_style(
-    folder: str | Path,
-    n: int,
-    image_size: int = 96,
-    seed: int = 0,
-    split: Split = "test",
-    fashion_root: str | Path | None = None,
-    jpeg_quality: int = 95,
-    list_name: str | None = None,
-    id_prefix: str = "",
-) -> list[str]:
-    """Write n samples as ``folder/JPEGImages/<id>.jpg`` + ``folder/SegmentationObject/<id>.png``.
-
-    Masks are greyscale PNGs, 0 = background, 255 = object (viewable as is; :func:`simpool.data.masks.read_mask_folder`
-    reads such 0/255 masks as binary). ``SegmentationClass/<id>.png`` holds the per-class labels
-    (:func:`class_mask`) as a VOC palette PNG, the layout :mod:`simpool.data.segmentation` reads. Also writes
-    ``ImageSets/Segmentation/<split>.txt`` (the ids), ``classes.txt`` (the class names, one a line) and
-    ``labels.txt`` (``<id> <class>`` lines) as VOC does for its lists. Returns the ids.
-
-    ``id_prefix`` names the files ``<prefix><i:06d>``, so that two splits can share one folder::
-
-        >>> write_voc_style("/tmp/seg", 200, split="train", list_name="train", id_prefix="train_")
-        >>> write_voc_style("/tmp/seg", 50, split="test", list_name="val", id_prefix="val_")
-    """
-    if not 1 <= jpeg_quality <= 100:
-        raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
-    root = Path(folder)
-    image_dir, mask_dir = root / "JPEGImages", root / "SegmentationObject"
-    class_dir, list_dir = root / "SegmentationClass", root / "ImageSets" / "Segmentation"
-    for directory in (image_dir, mask_dir, class_dir, list_dir):
-        directory.mkdir(parents=True, exist_ok=True)
-    ids, label_lines = [], []
-    palette = voc_palette()
-    for i in range(n):
-        sample = render_fashion_on_photo(i, image_size, seed, split, fashion_root)
-        sample_id = f"{id_prefix}{i:06d}"
-        Image.fromarray(sample.image).save(image_dir / f"{sample_id}.jpg", quality=jpeg_quality)
-        Image.fromarray(sample.mask.astype(np.uint8) * 255, mode="L").save(mask_dir / f"{sample_id}.png")
-        per_class = Image.fromarray(class_mask(sample), mode="P")
-        per_class.putpalette(palette)
-        per_class.save(class_dir / f"{sample_id}.png")
-        ids.append(sample_id)
-        label_lines.append(f"{sample_id} {sample.label}")
-    (list_dir / f"{list_name or split}.txt").write_text("".join(f"{i}\n" for i in ids))
-    (root / "classes.txt").write_text("".join(f"{name}\n" for name in SEGMENTATION_CLASSES))
-    # Lines of other ids are kept: several splits may share the folder (a rewrite of the same ids replaces them).
-    labels_path, written = root / "labels.txt", set(ids)
-    kept = labels_path.read_text().splitlines() if labels_path.is_file() else []
-    kept = [line for line in kept if line.split(" ", 1)[0] not in written]
-    labels_path.write_text("".join(f"{line}\n" for line in kept + label_lines))
-    return ids
