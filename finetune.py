@@ -5,12 +5,12 @@
     torchrun --nproc_per_node=8 finetune.py --config configs/finetune_resnet.yaml --random_init \
         --arch resnet50 --mode simpool --data_path /imagenet --output_dir runs/rsb
 
-The run is simpool/finetune/main.py; the flags simpool/finetune/config.py.
+The run is simpool/finetune/trainer.py; the flags simpool/finetune/config.py; this command simpool/finetune/run_finetune.py.
 """
 
 import sys
 
-from simpool.finetune.main import main
+from simpool.finetune.run_finetune import main
 
 if __name__ == "__main__":
     sys.exit(main())

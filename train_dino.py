@@ -9,7 +9,7 @@ simpool/dino/config.py.
 
 import sys
 
-from simpool.dino.train import main
+from simpool.dino.run_train import main
 
 if __name__ == "__main__":
     sys.exit(main())

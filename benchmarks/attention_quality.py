@@ -10,7 +10,7 @@ script measures that claim end to end on data with exact object masks, on a CPU,
 2. for each seed, the same tiny ViT (patch 8, depth 4, width 96, 3 heads) is trained twice per regime --
    ``--mode official`` ([CLS] token) and ``--mode simpool`` -- with the same flags, seed and budget:
 
-   * ``dino``: self-supervised pretraining by ``simpool.dino.train.main`` (the code of ``train_dino.py``);
+   * ``dino``: self-supervised pretraining by ``simpool.dino.run_train.main`` (the code of ``train_dino.py``);
    * ``supervised``: the backbone + a linear classifier on the item class, cross-entropy, AdamW with a one-cycle
      lr, random resized crops and flips (:func:`train_supervised`; the paper's Table 5 setting, in miniature);
 
@@ -59,7 +59,7 @@ from simpool.attention_maps import model_stride, prepare_image  # noqa: E402
 from simpool.data import FASHION_MNIST_CLASSES  # noqa: E402
 from simpool.data.fashion_on_photos import load_background_photos, mask_samples, render_fashion_on_photo  # noqa: E402
 from simpool.data.masks import mask_to_box  # noqa: E402
-from simpool.dino.train import main as train_dino  # noqa: E402
+from simpool.dino.run_train import main as train_dino  # noqa: E402
 from simpool.evaluation.attention import evaluate_attention, format_table  # noqa: E402
 from simpool.evaluation.attention_metrics import evaluate_maps  # noqa: E402
 from simpool.evaluation.knn import knn_classifier  # noqa: E402

@@ -1,6 +1,6 @@
 """End-to-end DINO training images/s from a folder of JPEGs: read + decode + multi-crop + step, as users run it.
 
-Runs ``simpool.dino.train.main`` -- the code behind ``train_dino.py``, nothing re-assembled -- on an ImageFolder of
+Runs ``simpool.dino.run_train.main`` -- the code behind ``train_dino.py``, nothing re-assembled -- on an ImageFolder of
 ImageNet-sized JPEGs (real photos from the scikit-image / scikit-learn wheels re-encoded at 500 x 375, quality 90,
 linked ``--copies`` times so an epoch is long enough to measure) and reads the trainer's own throughput reports
 (``img/s`` every ``--log_every`` steps, data wait included). Pipelines, measured in the same run:

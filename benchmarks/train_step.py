@@ -20,8 +20,8 @@ import torch
 
 from simpool.dino.build import build_dino_step
 from simpool.dino.config import parse_args
-from simpool.dino.step import DINOStep, StepSchedule, unwrap
-from simpool.distributed import DistInfo
+from simpool.dino.step import DINOStep, StepSchedule
+from simpool.distributed import DistInfo, unwrap
 from simpool.models import arch_family
 
 # Constant values for timing: the schedules' values do not change the cost of a step.

@@ -29,7 +29,7 @@ import submitit
 REPO = Path(__file__).resolve().parents[1]
 # submitit's preemption/timeout signal: USR2 unless the SUBMITIT_PREEMPT_SIGNAL variable says otherwise.
 PREEMPT_SIGNAL = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
-# One of the two signals simpool.dino.checkpointing.PreemptionFlag listens to (SIGTERM, SIGUSR1), not submitit's.
+# One of the two signals simpool.run.stop.StopSignals listens to (SIGTERM, SIGUSR1), not submitit's.
 TRAINER_SIGNAL = signal.SIGTERM if PREEMPT_SIGNAL == signal.SIGUSR1 else signal.SIGUSR1
 
 
@@ -83,7 +83,7 @@ class DINOJob(submitit.helpers.Checkpointable):
         self.train_argv = list(train_argv)
 
     def __call__(self) -> int:
-        from simpool.dino.train import main  # imported on the compute node, after the environment is set
+        from simpool.dino.run_train import main  # imported on the compute node, after the environment is set
 
         os.environ.update(distributed_env(submitit.JobEnvironment()))
         relay = _PreemptionRelay()

@@ -7,7 +7,7 @@ signal to its workers, waits for them, then exits 1 with a traceback, even thoug
 checkpoint and returned 0. A job script cannot tell that from a crash, so it cannot requeue. Here:
 
 * each worker that stops after a clean preemption save leaves a file in ``$SIMPOOL_PREEMPTION_DIR`` (a
-  temporary folder this launcher creates; see ``simpool.dino.checkpointing.write_preemption_marker``);
+  temporary folder this launcher creates; see ``simpool.run.stop.write_preemption_marker``);
 * on a ``SignalException`` the launcher exits 0 if every local worker left one, else 128 + the signal number;
 * SIGUSR1 (SLURM's ``--signal``) is handled like SIGTERM unless ``TORCHELASTIC_SIGNALS_TO_HANDLE`` is set, and
   the workers get ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` = 100 s (not 30) to finish their save before SIGKILL.
@@ -26,7 +26,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.run import config_from_args, parse_args
 from torch.distributed.run import main as torchrun_main
 
-PREEMPTION_DIR_VARIABLE = "SIMPOOL_PREEMPTION_DIR"  # == simpool.dino.checkpointing.PREEMPTION_DIR_VARIABLE
+PREEMPTION_DIR_VARIABLE = "SIMPOOL_PREEMPTION_DIR"  # == simpool.run.stop.PREEMPTION_DIR_VARIABLE
 
 
 def local_workers(argv: list[str]) -> int:

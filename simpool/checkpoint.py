@@ -30,6 +30,7 @@ import torch
 from timm.models.convnext import checkpoint_filter_fn as convnext_filter_fn
 from torch import nn
 
+from simpool.distributed import strip_wrapper_prefixes
 from simpool.models import AUTO_GAMMA, default_gamma
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,22 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text file (JSON results, ``args.yaml``) so that readers see the old or the new file whole:
+    a temporary file of ``atomic_save``'s naming (removed by ``remove_stale_temp_files`` after a kill), then one
+    ``os.replace``. Errors as :class:`CheckpointWriteError`."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, err) from None
+    return path
+
+
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files ``atomic_save`` leaves behind when a process is killed mid-write.
 
@@ -183,16 +200,14 @@ def select_state_dict(checkpoint: Any, checkpoint_key: str | None) -> tuple[dict
 
 def backbone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip DDP/compile/DINO prefixes and drop the DINO head and classifier weights (ignored on purpose)."""
-    has_backbone_prefix = any(k.replace("module.", "", 1).startswith("backbone.") for k in state_dict)
+    has_backbone_prefix = any(strip_wrapper_prefixes(k).startswith("backbone.") for k in state_dict)
     out = {}
     for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
+        key = strip_wrapper_prefixes(key)
         if has_backbone_prefix:
             if not key.startswith("backbone."):
                 continue  # the DINO head
-            key = key.removeprefix("backbone.")
-        key = key.removeprefix("_orig_mod.")
+            key = strip_wrapper_prefixes(key.removeprefix("backbone."))
         if key.startswith(_CLASSIFIER_PREFIXES):
             continue
         out[key] = value

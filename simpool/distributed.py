@@ -19,6 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+# What DDP ("module.") and torch.compile ("_orig_mod.") put in front of a wrapped model's state-dict keys.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass(frozen=True)
@@ -154,8 +158,38 @@ def all_gather_varlen(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [g[: int(s.item())] for g, s in zip(gathered, sizes)]
 
 
+@torch.no_grad()
+def max_difference_from_rank0(tensors: list[torch.Tensor]) -> float:
+    """The largest absolute difference between ``tensors`` on any rank and the same tensors on rank 0 (0 when
+    the ranks hold identical copies, as DDP promises for the weights); collective."""
+    local = torch.cat([t.detach().flatten() for t in tensors])
+    reference = local.clone()
+    dist.broadcast(reference, src=0)
+    diff = (local - reference).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff.item())
+
+
 def cleanup() -> None:
     """Destroy the process group (and with it the control group) of this process."""
     _control_group.clear()
     if is_distributed():
         dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside its torch.compile and DDP wrappers (in either order), or the model itself."""
+    model = getattr(model, "_orig_mod", model)
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def strip_wrapper_prefixes(key: str) -> str:
+    """A state-dict key without the prefixes DDP and torch.compile add (``module._orig_mod.x`` -> ``x``)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key.removeprefix(prefix), True
+    return key

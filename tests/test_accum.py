@@ -15,8 +15,8 @@ from simpool.dino.accum import group_micro_batches
 from simpool.dino.head import DINOHead, MultiCropWrapper
 from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
+from simpool.dino.run_train import main
 from simpool.dino.step import DINOStep, StepSchedule
-from simpool.dino.train import main
 from tests.test_train import FASHION_TINY, _free_port, needs_fashion, run_cli
 
 K = 32

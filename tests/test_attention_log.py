@@ -13,7 +13,7 @@ from PIL import Image
 from simpool.attention_maps import prepare_image
 from simpool.dino.attention_log import MAX_IMAGES, TITLE_HEIGHT, AttentionLog, attention_grid
 from simpool.dino.config import ConfigError, parse_args
-from simpool.dino.train import main
+from simpool.dino.run_train import main
 from simpool.models import build_backbone
 from simpool.visualize import attention_mask, overlay
 from tests.conftest import TINY_RESNET, TINY_VIT

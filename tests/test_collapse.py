@@ -15,8 +15,9 @@ from simpool.dino.config import ConfigError, parse_args
 from simpool.dino.head import DINOHead, MultiCropWrapper
 from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
+from simpool.dino.run_train import main
+from simpool.dino.running_stats import RunningSums
 from simpool.dino.step import DINOStep, StepSchedule
-from simpool.dino.train import main
 from tests.conftest import REPO
 from tests.test_train import FASHION_TINY, needs_fashion
 
@@ -37,7 +38,7 @@ def monitored_run(teacher_temp: float, center_momentum: float, steps: int = 40, 
                     build_optimizer("adamw", get_params_groups(student)), clip_grad=3.0)
     monitor = CollapseMonitor(K)
     g = torch.Generator().manual_seed(0)
-    sums = torch.zeros(5)
+    sums = RunningSums()
     readings, warnings = [], []
     for i in range(steps):
         images = torch.randn(16, 3, 16, 16, generator=g)
@@ -45,7 +46,7 @@ def monitored_run(teacher_temp: float, center_momentum: float, steps: int = 40, 
         crops = [images + 0.3 * torch.randn(images.shape, generator=g) for _ in range(2)]
         crops += [small + 0.3 * torch.randn(small.shape, generator=g) for _ in range(2)]
         stats = step(crops, StepSchedule(lr=1e-2, weight_decay=0.04, momentum=0.99, teacher_temp=teacher_temp))
-        sums += torch.stack([stats.loss, stats.teacher_entropy, stats.kl, torch.ones(()), stats.prototypes_in_use])
+        sums.add(stats)
         if (i + 1) % log_every == 0:
             reading, warning = monitor.observe(sums)
             readings.append(reading)
@@ -85,16 +86,32 @@ def test_regions(entropy, kl, prototypes, mode):
     assert collapse_mode(entropy, kl, prototypes, K) == mode
 
 
+def sums_of(loss: float, entropy: float, kl: float, prototypes_in_use: float, finite_steps: float) -> RunningSums:
+    return RunningSums(values=torch.tensor([loss, entropy, kl, prototypes_in_use, finite_steps]))
+
+
 def test_window_restarts_with_the_epoch_sums():
     monitor = CollapseMonitor(K, patience=2)
-    collapsed = torch.tensor([4.0, 0.0, 4.0, 4.0, 4.0])  # 4 steps: 1 prototype in use
+    collapsed = sums_of(4.0, 0.0, 4.0, prototypes_in_use=4.0, finite_steps=4.0)  # 4 steps: 1 prototype in use
     assert monitor.observe(collapsed)[1] is None
-    healthy_after = collapsed + torch.tensor([4.0, 0.0, 4.0, 4.0, 80.0])  # next 4 steps: 20 in use
+    healthy_after = sums_of(8.0, 0.0, 8.0, prototypes_in_use=84.0, finite_steps=8.0)  # next 4 steps: 20 in use
     reading, warning = monitor.observe(healthy_after)
     assert reading.prototypes_in_use == 20.0 and warning is None
-    new_epoch = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])  # sums restart at 0: the window is the new sums
+    new_epoch = sums_of(1.0, 0.0, 1.0, 1.0, 1.0)  # sums restart at 0: the window is the new sums
     assert monitor.observe(new_epoch)[0].prototypes_in_use == 1.0
-    assert monitor.observe(new_epoch * 2)[1].startswith("collapse alarm: one prototype")
+    assert monitor.observe(sums_of(2.0, 0.0, 2.0, 2.0, 2.0))[1].startswith("collapse alarm: one prototype")
+
+
+def test_running_sums_skip_non_finite_steps_and_are_read_by_name():
+    from simpool.dino.step import StepStats
+
+    sums = RunningSums()
+    for loss in (2.0, float("nan"), 4.0):
+        value = torch.tensor(loss)
+        sums.add(StepStats(loss=value, teacher_entropy=value * 0 + 1.0, kl=value * 0 + 0.5,
+                           loss_is_finite=torch.isfinite(value), prototypes_in_use=torch.tensor(7.0)))
+    assert float(sums.finite_steps) == 2.0 and float(sums["loss"]) == 6.0
+    assert sums.means() == {"loss": 3.0, "entropy": 1.0, "kl": 0.5, "prototypes_in_use": 7.0}
 
 
 @needs_fashion

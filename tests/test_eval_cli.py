@@ -21,7 +21,7 @@ from PIL import Image
 import simpool.evaluation.linear_probe as linear_probe
 import simpool.evaluation.run_knn as run_knn
 import simpool.evaluation.run_linear as run_linear
-from simpool.dino.train import main as train_main
+from simpool.dino.run_train import main as train_main
 from simpool.evaluation.features import eval_transform, extract_features, feature_fn
 from simpool.evaluation.knn import knn_classifier
 from simpool.evaluation.linear import train_linear_on_features

@@ -18,8 +18,8 @@ from simpool.cli.export_backbone import main as export_main
 from simpool.finetune.config import parse_finetune_args
 from simpool.finetune.data import labelled_splits, val_loader
 from simpool.finetune.engine import evaluate
-from simpool.finetune.main import main
 from simpool.finetune.model import build_finetune_model, load_finetuned, rebuild_from_record
+from simpool.finetune.run_finetune import main
 from simpool.loading import load_model, read_export_config
 from tests.conftest import REPO
 

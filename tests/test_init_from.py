@@ -9,8 +9,9 @@ from PIL import Image
 
 from simpool.dino.config import parse_args
 from simpool.dino.init_from import head_state_dict
-from simpool.dino.step import unwrap
-from simpool.dino.train import Trainer, main
+from simpool.dino.run_train import main
+from simpool.dino.train import Trainer
+from simpool.distributed import unwrap
 from simpool.export import export_backbone
 from simpool.loading import load_model
 
@@ -96,7 +97,7 @@ def test_full_checkpoint_loads_heads_and_centre_and_checkpoint_key_picks_the_net
     expected = torch.load(reference_dir / "outputs.pt", weights_only=True)["vit_simpool_student_224"]
     with torch.no_grad():
         torch.testing.assert_close(unwrap(run.teacher).backbone.eval()(inputs), expected, rtol=1e-4, atol=1e-5)
-    assert run.iteration == 0 and not run.optimizer.state  # optimizer and schedules start fresh
+    assert run.progress.iteration == 0 and not run.optimizer.state  # optimizer and schedules start fresh
 
 
 def test_mismatched_head_is_reported_and_initialised_fresh(reference_dir, images, tmp_path, capsys):

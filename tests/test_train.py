@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from simpool.dino.train import main
+from simpool.dino.run_train import main
 from tests.conftest import REPO
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -97,7 +97,7 @@ def test_checkpoint_of_another_format_version_is_refused_not_misloaded(tmp_path,
     capsys.readouterr()
     assert main([*FASHION_TINY, "--epochs", "2", "--output_dir", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "written by another simpool version (format 1" in err and "Traceback" not in err
+    assert "is not a DINO training checkpoint of this version (format 1;" in err and "Traceback" not in err
 
 
 @needs_fashion
@@ -189,7 +189,7 @@ def test_config_file_and_explicit_flags(tmp_path):
 
 @pytest.mark.parametrize(("line", "message"), [
     ("epochs: 7.5", "epochs: 7.5 is not a valid value"),          # int flag: like --epochs 7.5
-    ("mode: fancy", "expected one of ['official', 'simpool']"),  # choices are checked
+    ("mode: fancy", "invalid choice: 'fancy'"),  # choices are checked
     ("use_bn_in_head: maybe", "expected True or False"),
     ("color: red\nsize: 3", "unknown flags ['color', 'size']"),
 ])

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-# The signals a cluster sends to ask for a save (simpool.dino.checkpointing.PreemptionFlag listens to them).
+# The signals a cluster sends to ask for a save (simpool.run.stop.StopSignals listens to them).
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

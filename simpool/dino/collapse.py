@@ -8,7 +8,8 @@ DINO collapses in two ways (Caron et al. 2021, sec. 5.3), both visible in three 
   exp(H(mean_b q_b)) of the batch-mean teacher distribution, approaches 1 (it is K when all are used
   equally). Too much sharpening for the centring.
 
-``CollapseMonitor`` is fed the training loop's running sums at every log step, takes the means over the steps
+``CollapseMonitor`` is fed the training loop's running sums (:class:`~simpool.dino.running_stats.RunningSums`)
+at every log step, takes the means over the steps
 since its previous call (all-reduced, so that every rank decides alike), and classifies them. A run that sits
 in one region for ``patience`` log points in a row gets one warning naming the mode and the usual remedies;
 it is warned again only after it has left the region. ``--stop_on_collapse True`` turns the warning into a
@@ -16,7 +17,7 @@ saved checkpoint and exit code 1 (``simpool.dino.train``).
 
 Example:
     >>> monitor = CollapseMonitor(out_dim=65536)
-    >>> reading, warning = monitor.observe(sums)   # sums: loss, entropy, KL, finite steps, prototypes in use
+    >>> reading, warning = monitor.observe(sums)   # RunningSums: loss, entropy, KL, prototypes in use, steps
     >>> reading.mode, warning                      # e.g. ("uniform", "collapse alarm: uniform collapse ...")
 """
 
@@ -25,12 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
-from simpool.distributed import all_reduce_sum
-
-# Columns of the training loop's running sums (``Trainer.train_one_epoch``).
-LOSS, ENTROPY, KL, FINITE, PROTOTYPES = range(5)
+from simpool.dino.running_stats import RunningSums
 
 REMEDIES = {
     "uniform": ("the teacher's output is flat and the student has matched it: sharpen more (lower --teacher_temp "
@@ -84,28 +80,27 @@ class CollapseMonitor:
 
     def __init__(self, out_dim: int, patience: int = 3, **thresholds: float) -> None:
         self.out_dim, self.patience, self.thresholds = out_dim, patience, thresholds
-        self.previous: torch.Tensor | None = None
+        self.previous: RunningSums | None = None
         self.streak_mode: str | None = None
         self.streak = 0
         self.warned = False
 
-    def window(self, sums: torch.Tensor) -> torch.Tensor:
+    def window(self, sums: RunningSums) -> RunningSums:
         """This window's sums: ``sums`` minus those of the previous call (sums restart at 0 every epoch)."""
-        sums = sums.detach().float()
-        previous = self.previous
-        self.previous = sums.clone()
-        if previous is not None and previous[FINITE] <= sums[FINITE]:
+        sums = sums.copy()
+        previous, self.previous = self.previous, sums
+        if previous is not None and previous.finite_steps <= sums.finite_steps:
             return sums - previous
         return sums
 
-    def observe(self, sums: torch.Tensor) -> tuple[CollapseReading | None, str | None]:
+    def observe(self, sums: RunningSums) -> tuple[CollapseReading | None, str | None]:
         """(reading of the window since the last call, the warning if one is due now); None readings when the
         window holds no finite step. Collective under DDP: call it on every rank."""
-        window = all_reduce_sum(self.window(sums).clone())
-        steps = float(window[FINITE])
-        if steps <= 0:
+        window = self.window(sums).all_reduced()
+        if float(window.finite_steps) <= 0:
             return None, None
-        entropy, kl, prototypes = (float(window[i]) / steps for i in (ENTROPY, KL, PROTOTYPES))
+        means = window.means()
+        entropy, kl, prototypes = means["entropy"], means["kl"], means["prototypes_in_use"]
         mode = collapse_mode(entropy, kl, prototypes, self.out_dim, **self.thresholds)
         reading = CollapseReading(entropy, kl, prototypes, self.out_dim, mode)
         if mode != self.streak_mode:

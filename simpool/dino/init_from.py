@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from simpool.checkpoint import CheckpointError, load_backbone_weights, load_pretrained, safe_load, select_state_dict
+from simpool.distributed import strip_wrapper_prefixes
 from simpool.loading import _recorded_args, is_export_dir, load_backbone
 from simpool.models import build_backbone
 
@@ -64,11 +65,7 @@ def head_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     Only a MultiCropWrapper layout (``backbone.*`` beside ``head.*``) has a DINO head: a timm state dict's
     ``head.weight`` / ``head.bias`` are its classifier (dropped, as ``load_pretrained`` does).
     """
-    stripped = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        stripped[key] = value
+    stripped = {strip_wrapper_prefixes(key): value for key, value in state_dict.items()}
     if not any(key.startswith("backbone.") for key in stripped):
         return {}
     return {key.removeprefix("head."): value for key, value in stripped.items() if key.startswith("head.")}

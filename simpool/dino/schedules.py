@@ -1,58 +1,27 @@
-"""Per-iteration schedules of the DINO recipe (learning rate, weight decay, teacher momentum and temperature).
+"""Per-iteration schedules of the DINO recipe: lr, weight decay, teacher momentum and teacher temperature.
 
-``cosine_scheduler`` reproduces facebookresearch/dino's ``utils.cosine_scheduler`` value for value:
-``warmup_epochs * niter_per_ep`` iterations of linear warm-up (``np.linspace`` from
-``start_warmup_value`` to ``base_value``, both ends included), then for the remaining n iterations
-
-    v_i = final + (base - final) * (1 + cos(pi * i / n)) / 2,    i = 0 .. n - 1
-
-so the last value is just above ``final_value`` (as in the reference). Plain numpy arrays rather than
-``torch.optim.lr_scheduler``: the same arrays drive lr, weight decay, teacher momentum and temperature (not only
-optimizer lrs), are indexed by iteration on resume, and equal the reference's to the last bit.
+The cosine schedule and the lr scaling rule are the run layer's (:mod:`simpool.run.schedules`, shared with
+fine-tuning); the teacher temperature's warm-up is DINO's own. All are numpy float64 arrays indexed by the global
+iteration, as the reference's (torch's ``LRScheduler`` drives only an optimizer's lr, not weight decay, momentum
+or the teacher temperature).
 
 Example (ViT-S recipe, 100 epochs, batch 800):
     >>> lr = cosine_scheduler(scaled_lr(5e-4, 800), 1e-5, 100, niter_per_ep, warmup_epochs=10)
     >>> wd = cosine_scheduler(0.04, 0.4, 100, niter_per_ep)
     >>> momentum = cosine_scheduler(0.996, 1.0, 100, niter_per_ep)
     >>> teacher_temp = teacher_temp_schedule(0.04, 0.07, 30, 100, niter_per_ep)
-
-The schedules are numpy float64 arrays indexed by the global iteration, as the reference's (torch's
-``LRScheduler`` drives only an optimizer's lr, not weight decay, momentum or the teacher temperature).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-__all__ = ["cosine_scheduler", "scaled_lr", "teacher_temp_schedule"]
+from simpool.dino.step import StepSchedule
+from simpool.run.schedules import cosine_scheduler, scaled_lr  # shared with fine-tuning
 
-
-def cosine_scheduler(
-    base_value: float,
-    final_value: float,
-    epochs: int,
-    niter_per_ep: int,
-    warmup_epochs: int = 0,
-    start_warmup_value: float = 0,
-) -> np.ndarray:
-    """Linear warm-up then half-cosine decay; returns a float64 array of ``epochs * niter_per_ep`` values."""
-    if epochs < 0 or niter_per_ep < 0:
-        raise ValueError(f"cosine_scheduler: epochs ({epochs}), niter_per_ep ({niter_per_ep}) must be >= 0")
-    if not 0 <= warmup_epochs <= epochs:
-        raise ValueError(f"cosine_scheduler: warmup_epochs ({warmup_epochs}) must be in [0, {epochs}]")
-    warmup_iters = warmup_epochs * niter_per_ep
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
-    decay_iters = epochs * niter_per_ep - warmup_iters
-    i = np.arange(decay_iters)
-    decay = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * i / max(decay_iters, 1)))
-    return np.concatenate((warmup, decay))
-
-
-def scaled_lr(lr: float, global_batch: int) -> float:
-    """DINO's linear scaling rule: ``lr * global_batch / 256`` (lr is quoted for a batch of 256)."""
-    if global_batch < 1:
-        raise ValueError(f"scaled_lr: global_batch must be >= 1, got {global_batch}")
-    return lr * global_batch / 256.0
+__all__ = ["DINOSchedules", "cosine_scheduler", "scaled_lr", "teacher_temp_schedule"]
 
 
 def teacher_temp_schedule(
@@ -79,3 +48,45 @@ def teacher_temp_schedule(
         (np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs), np.full(epochs - warmup_epochs, teacher_temp))
     )
     return np.repeat(per_epoch, niter_per_ep)
+
+
+@dataclass(frozen=True)
+class DINOSchedules:
+    """The four per-iteration schedules of a run, and the ``StepSchedule`` of one iteration.
+
+    Example:
+        >>> schedules = DINOSchedules.build(args, niter_per_epoch=1251, samples_per_step=1024)
+        >>> step(crops, schedules.at(index=42, epoch=0))
+    """
+
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+    freeze_last_layer_epochs: int
+
+    @classmethod
+    def build(cls, args, niter_per_epoch: int, samples_per_step: int) -> DINOSchedules:
+        """From the flags: lr scaled by the global batch of one optimizer step (``scaled_lr``) with its warm-up,
+        weight decay and teacher momentum cosine, the teacher temperature's warm-up."""
+        epochs = args.epochs
+        return cls(
+            lr=cosine_scheduler(scaled_lr(args.lr, samples_per_step), args.min_lr, epochs, niter_per_epoch,
+                                warmup_epochs=args.warmup_epochs),
+            weight_decay=cosine_scheduler(args.weight_decay, args.weight_decay_end, epochs, niter_per_epoch),
+            momentum=cosine_scheduler(args.momentum_teacher, 1.0, epochs, niter_per_epoch),
+            teacher_temp=teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
+                                               args.warmup_teacher_temp_epochs, epochs, niter_per_epoch),
+            freeze_last_layer_epochs=args.freeze_last_layer,
+        )
+
+    def at(self, index: int, epoch: int) -> StepSchedule:
+        """The step's values at iteration ``index`` of epoch ``epoch`` (the head's last layer frozen early on)."""
+        return StepSchedule(lr=self.lr[index], weight_decay=self.weight_decay[index], momentum=self.momentum[index],
+                            teacher_temp=self.teacher_temp[index],
+                            freeze_last_layer=epoch < self.freeze_last_layer_epochs)
+
+    def record(self, index: int) -> dict[str, float]:
+        """The values at ``index`` for the logs."""
+        return {"lr": float(self.lr[index]), "wd": float(self.weight_decay[index]),
+                "momentum": float(self.momentum[index]), "teacher_temp": float(self.teacher_temp[index])}

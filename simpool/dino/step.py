@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from simpool.dino.optim import clip_gradients, set_schedule_values
-
-AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+from simpool.distributed import unwrap
+from simpool.run.precision import AUTOCAST_DTYPES, autocast, grad_scaler
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,6 @@ def as_micro_batches(batch: Sequence) -> list[list[torch.Tensor]]:
     return [list(crops) for crops in batch]
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP and/or torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 class DINOStep:
     """Callable that performs one DINO iteration on a list of crop batches (2 global first).
 
@@ -123,21 +117,17 @@ class DINOStep:
         self.loss_fn, self.optimizer = loss_fn, optimizer
         self.precision, self.clip_grad = precision, clip_grad
         self.device = next(unwrap(student).parameters()).device
-        self.autocast_dtype = AUTOCAST_DTYPES[precision]
         # In fp32/bf16 the scale stays 1 (reset after every step): the scaler is only the on-device
         # "skip steps with non-finite gradients" switch (torch has no other on-device one that fused
         # optimizers honour). In fp16 it is the usual dynamic loss scaling.
         self.fixed_scale = None if precision == "fp16" else 1.0
-        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.fixed_scale or 2.0**16)
+        self.scaler = grad_scaler(self.device, precision, skip_non_finite=True)
         self.student_params = [p for p in unwrap(student).parameters()]
         self.teacher_params = [p for p in unwrap(teacher).parameters()]
         if len(self.student_params) != len(self.teacher_params):
             raise ValueError("student and teacher must have the same parameters")
         # Found once from the group flag (get_params_groups), not by a name search every step.
         self.last_layer_params = [p for g in optimizer.param_groups if g.get("is_last_layer") for p in g["params"]]
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def no_sync(self, last: bool):
         """DDP's ``no_sync`` (no gradient all-reduce in backward) for all but the last micro-batch."""
@@ -161,7 +151,7 @@ class DINOStep:
                 # micro-batch is centred with it (the (1, K) all-reduce of those moves is wasted, and tiny).
                 self.loss_fn.center.copy_(center)
             with self.no_sync(last=i == n - 1):
-                with self.autocast():
+                with autocast(self.device, self.precision):
                     with torch.no_grad():
                         teacher_out = self.teacher(micro[:2])  # only the 2 global views pass through the teacher
                     student_out = self.student(micro)

@@ -40,6 +40,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSample
 
 from simpool.distributed import all_reduce_sum, get_rank, get_world_size
 from simpool.evaluation.features import check_labels
+from simpool.run.metrics import num_correct
 
 __all__ = ["Embedded", "MultiLRLinear", "Permutation", "accuracy", "evaluate", "feature_batches", "fit",
            "probe_optimizer", "train_linear_on_features", "train_one_epoch"]
@@ -236,14 +237,6 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (
         )
     counts = num_correct(output, target, topk)
     return [count * 100.0 / output.shape[0] for count in counts.tolist()]
-
-
-def num_correct(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int]) -> torch.Tensor:
-    """Correct counts ``(..., len(topk))`` for logits ``(..., B, C)``; leading dims are heads."""
-    max_k = min(max(topk), output.shape[-1])
-    ranked = output.topk(max_k, dim=-1).indices
-    hit = ranked == target.view(-1, 1)
-    return torch.stack([hit[..., : min(k, max_k)].any(dim=-1).sum(dim=-1) for k in topk], dim=-1)
 
 
 def train_linear_on_features(

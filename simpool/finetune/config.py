@@ -1,10 +1,10 @@
 """Flags of ``finetune.py``: weights, data, timm augmentation / mixup, optimisation, run control; YAML configs.
 
-The model flags are the evaluators' (:func:`simpool.evaluation.common.add_model_flags`: ``--pretrained_weights``,
+The model flags are the evaluators' (:func:`simpool.run.flags.add_model_flags`: ``--pretrained_weights``,
 ``--checkpoint_key``, ``--random_init``, ``--arch/--mode/--gamma/--patch_size/--model_overrides``). Per-family
 defaults live in ``configs/finetune_{vit,convnext,resnet}.yaml`` (``--config``; flags typed on the command line
-win, timm's two-pass pattern as in ``train_dino.py``). Bad values raise :class:`FinetuneSetupError` here, before
-any data or model is touched.
+win: :func:`simpool.run.config.parse_over_config`, as in ``train_dino.py``). Bad values raise
+:class:`~simpool.run.config.ConfigError` here, before any data or model is touched.
 
 Example:
     >>> args = parse_finetune_args(["--config", "configs/finetune_vit.yaml", "--pretrained_weights",
@@ -15,25 +15,30 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Any
 
 from PIL import Image, ImageOps
 from timm.optim import list_optimizers
 
-from simpool.dino.config import ConfigError, parse_over_config
-from simpool.evaluation.common import add_distributed_flags, add_model_flags, require_weights
-from simpool.flags import bool_flag
+from simpool.run.config import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT_INTERVAL,
+    ConfigError,
+    FlagParser,
+    Range,
+    check_ranges,
+    parse_over_config,
+)
+from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
+from simpool.run.precision import PRECISIONS
 
-__all__ = ["FinetuneSetupError", "build_parser", "parse_finetune_args"]
+__all__ = ["build_parser", "parse_finetune_args"]
 
 
-class FinetuneSetupError(ValueError):
-    """Flags, data or weights a fine-tuning run cannot work with; the message names the fix."""
-
-
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
-    """The parser of finetune.py and its actions by dest (for ``--config`` values)."""
-    p = argparse.ArgumentParser("Supervised fine-tuning of a pretrained backbone with a linear head")
+def build_parser() -> FlagParser:
+    """The parser of finetune.py."""
+    p = FlagParser("finetune.py", description="Supervised fine-tuning of a pretrained backbone with a linear head")
     p.add_argument("--config", type=str, default=None, help="YAML file of flags (configs/finetune_*.yaml)")
     add_model_flags(p)
 
@@ -87,7 +92,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
     g.add_argument("--clip_grad", default=0.0, type=float, help="clip the global gradient norm (0: off)")
     g.add_argument("--model_ema_decay", default=0.0, type=float,
                    help="keep an EMA of the weights (timm ModelEmaV3) with this decay and evaluate it (0: off)")
-    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+    g.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="autocast precision; default bf16 on CUDA, fp32 on CPU")
 
     g = p.add_argument_group("run")
@@ -99,17 +104,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
     g.add_argument("--wandb_project", default=None, type=str, help="log to Weights & Biases under this project")
     g.add_argument("--wandb_name", default=None, type=str, help="W&B run name")
     add_distributed_flags(p)
-    actions = {action.dest: action for action in p._actions}  # argparse keeps them; no public accessor
-    return p, actions
+    return p
 
 
 def parse_finetune_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line over an optional ``--config`` file, then :func:`validate`."""
-    parser, actions = build_parser()
-    try:
-        args = parse_over_config(parser, actions, argv)
-    except ConfigError as err:  # the --config file's values
-        raise FinetuneSetupError(str(err)) from None
+    args = parse_over_config(build_parser(), argv)
     validate(args)
     return args
 
@@ -134,49 +134,33 @@ def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup_prob > 0 and (args.mixup > 0 or args.cutmix > 0)
 
 
+RANGES = {
+    **dict.fromkeys(["epochs", "input_size", "batch_size_per_gpu", "log_every"], AT_LEAST_ONE),
+    **dict.fromkeys(["num_workers", "warmup_epochs", "exit_after_iterations", "weight_decay", "drop_path",
+                     "clip_grad", "reprob", "mixup", "cutmix", "smoothing", "min_lr", "warmup_lr", "momentum"],
+                    NON_NEGATIVE),
+    "lr": POSITIVE, "layer_decay": Range(0, 1, low_open=True), "model_ema_decay": Range(0, 1, high_open=True),
+    "crop_pct": Range(0, 1, low_open=True), "mixup_prob": UNIT_INTERVAL, "mixup_switch_prob": UNIT_INTERVAL,
+    "hflip": UNIT_INTERVAL,
+}
+
+
 def validate(args: argparse.Namespace) -> None:
     """Stop on values that cannot work, naming the flag."""
     require_weights(args)
     if isinstance(args.model_overrides, dict):  # a YAML mapping; the command line gives a list of one-key dicts
         args.model_overrides = [args.model_overrides]
     if not args.data_path:
-        raise FinetuneSetupError("--data_path is required: a root holding train/ and val/ class folders, "
-                                 "or fashion-mnist")
-    for name in ("epochs", "input_size", "batch_size_per_gpu", "log_every"):
-        if getattr(args, name) < 1:
-            raise FinetuneSetupError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("num_workers", "warmup_epochs", "exit_after_iterations", "weight_decay", "drop_path", "clip_grad",
-                 "reprob", "mixup", "cutmix", "smoothing"):
-        if getattr(args, name) < 0:
-            raise FinetuneSetupError(f"--{name} must be >= 0, got {getattr(args, name)}")
+        raise ConfigError("--data_path is required: a root holding train/ and val/ class folders, or fashion-mnist")
+    check_ranges(args, RANGES)
     if args.warmup_epochs > args.epochs:
-        raise FinetuneSetupError(f"--warmup_epochs ({args.warmup_epochs}) exceeds --epochs ({args.epochs})")
+        raise ConfigError(f"--warmup_epochs ({args.warmup_epochs}) exceeds --epochs ({args.epochs})")
     if args.opt.lower() not in list_optimizers():
-        raise FinetuneSetupError(f"--opt {args.opt!r} is not a timm optimizer: use e.g. adamw, lamb, sgd "
-                                 "(timm.optim.list_optimizers())")
+        raise ConfigError(f"--opt {args.opt!r} is not a timm optimizer: use e.g. adamw, lamb, sgd "
+                          "(timm.optim.list_optimizers())")
     if posterize_needs_mmax9(str(args.aa)):
-        raise FinetuneSetupError(f"--aa {args.aa}: with this Pillow, timm's posterize crashes at magnitude 10; "
-                                 f"append -mmax9 (e.g. --aa {args.aa}-mmax9)")
-    if not args.lr > 0:
-        raise FinetuneSetupError(f"--lr must be positive, got {args.lr}")
-    if not 0 < args.layer_decay <= 1:
-        raise FinetuneSetupError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
-    if not 0 <= args.model_ema_decay < 1:
-        raise FinetuneSetupError(f"--model_ema_decay must be in [0, 1), got {args.model_ema_decay}")
-    if not 0 < args.crop_pct <= 1:
-        raise FinetuneSetupError(f"--crop_pct must be in (0, 1], got {args.crop_pct}")
+        raise ConfigError(f"--aa {args.aa}: with this Pillow, timm's posterize crashes at magnitude 10; "
+                          f"append -mmax9 (e.g. --aa {args.aa}-mmax9)")
     if mixup_active(args) and args.mixup_mode != "elem" and args.batch_size_per_gpu % 2:
-        raise FinetuneSetupError(f"mixup / cutmix mix a batch with its reverse and need an even "
-                                 f"--batch_size_per_gpu, got {args.batch_size_per_gpu}")
-
-
-def as_record(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags as plain values (tuples -> lists, the FROM_CHECKPOINT marker -> its text) for files."""
-    out = {}
-    for key, value in vars(args).items():
-        if isinstance(value, tuple):
-            value = list(value)
-        elif value is not None and not isinstance(value, (bool, int, float, str, list, dict)):
-            value = str(value)
-        out[key] = value
-    return out
+        raise ConfigError(f"mixup / cutmix mix a batch with its reverse and need an even "
+                          f"--batch_size_per_gpu, got {args.batch_size_per_gpu}")

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from simpool.data import ResumableDistributedSampler, build_labelled_splits, collate_skip_bad, seed_worker
 from simpool.distributed import DistInfo
-from simpool.finetune.config import FinetuneSetupError, mixup_active
+from simpool.finetune.config import mixup_active
+from simpool.run.config import ConfigError
 
 __all__ = ["build_mixup", "labelled_splits", "train_loader", "val_loader"]
 
@@ -56,10 +57,10 @@ def labelled_splits(args: argparse.Namespace, world_size: int = 1) -> tuple[Data
     classes = class_names(train)
     global_batch = args.batch_size_per_gpu * world_size
     if len(train) < global_batch:
-        raise FinetuneSetupError(f"{args.data_path} has {len(train)} training images, fewer than one global batch "
+        raise ConfigError(f"{args.data_path} has {len(train)} training images, fewer than one global batch "
                                  f"({args.batch_size_per_gpu} x {world_size}): lower --batch_size_per_gpu")
     if len(classes) < 2 and mixup_active(args):
-        raise FinetuneSetupError(f"{args.data_path} has {len(classes)} class: mixup / cutmix blend labels of "
+        raise ConfigError(f"{args.data_path} has {len(classes)} class: mixup / cutmix blend labels of "
                                  "two classes; pass --mixup 0 --cutmix 0 (or add classes)")
     return train, val, classes
 

@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +26,11 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from simpool.distributed import all_reduce_sum
-from simpool.evaluation.linear import num_correct
+from simpool.distributed import all_reduce_sum, unwrap
+from simpool.run.metrics import num_correct
+from simpool.run.precision import autocast, grad_scaler
 
 __all__ = ["FineTuneStep", "build_criterion", "evaluate"]
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str):
-    """``torch.autocast`` for bf16 / fp16; a no-op context for fp32."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
 def build_criterion(args: argparse.Namespace, mixing: bool) -> nn.Module:
@@ -61,7 +52,7 @@ class FineTuneStep:
         self.model, self.optimizer, self.criterion, self.mixup = model, optimizer, criterion, mixup
         self.precision, self.clip_grad, self.ema = precision, clip_grad, ema
         self.device = next(model.parameters()).device
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.scaler = grad_scaler(self.device, precision)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float, iteration: int) -> torch.Tensor:
         for group in self.optimizer.param_groups:
@@ -78,7 +69,7 @@ class FineTuneStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
-            self.ema.update(getattr(self.model, "module", self.model), step=iteration + 1)
+            self.ema.update(unwrap(self.model), step=iteration + 1)
         return loss.detach()
 
     def state_dict(self) -> dict:

@@ -32,9 +32,9 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from simpool.export import CLASSIFIER_FILE
-from simpool.flags import backbone_flags
 from simpool.loading import ModelSource, load_backbone, load_model, read_export_config
 from simpool.models import PooledBackbone, build_backbone
+from simpool.run.flags import backbone_flags
 
 __all__ = ["FineTuneModel", "build_finetune_model", "load_finetuned", "model_record"]
 

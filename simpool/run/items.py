@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from simpool.checkpoint import atomic_write_text
 from simpool.distributed import barrier, get_rank, get_world_size, is_main_process
 from simpool.run.resume_checks import changes, refuse_changes
 
@@ -80,9 +81,7 @@ class ItemResults:
         if is_main_process():
             self.folder.mkdir(parents=True, exist_ok=True)
             if not self.identity_path.is_file():
-                tmp = self.identity_path.with_name(f".{self.identity_path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(self.identity, indent=2, sort_keys=True) + "\n")
-                os.replace(tmp, self.identity_path)
+                atomic_write_text(self.identity_path, json.dumps(self.identity, indent=2, sort_keys=True) + "\n")
         barrier()
         self._done = self._read_all()
         return self

@@ -1,22 +1,34 @@
-"""Run logging: console progress, ``log.txt`` JSON lines, and Weights & Biases.
+"""Logging of every run: the rank-aware ``logging`` set-up, console progress, ``log.txt`` JSON lines, W&B.
+
+* ``setup_logging(rank)``: library modules log with ``logging.getLogger(__name__)`` and never ``print``; a
+  command-line driver calls this once: rank 0 prints INFO and above to stdout as plain lines (cluster logs stay
+  readable, tests can read them); other ranks print only warnings and errors, prefixed with their rank. Used as
+  a library without it, simpool stays quiet except for warnings (Python's default).
 
 * Console: a tqdm bar when stdout is a terminal, plain lines otherwise (cluster logs stay readable). Every
   console line goes through ``RunLogger.print``: above the bar while one is shown, else to the ``logging``
-  tree (``simpool.logs.setup_logging`` sends it to stdout on rank 0).
-* ``output_dir/log.txt``: one JSON object per epoch, with the SimPool fork's keys (``train_loss``,
-  ``train_entropy``, ``train_KL_div``, ``train_lr``, ``train_wd``, ``epoch``, ``k-NN``) plus ours.
+  tree (``setup_logging`` sends it to stdout on rank 0).
+* ``output_dir/log.txt``: one JSON object per epoch (``append_json_line``; ``logged_epochs`` reads it back),
+  with the SimPool fork's keys (``train_loss``, ``train_entropy``, ``train_KL_div``, ``train_lr``, ``train_wd``,
+  ``epoch``, ``k-NN``) plus ours.
 * ``output_dir/progress.jsonl``: one JSON object per log step (``iteration``, ``epoch`` and the progress
   values: loss, teacher entropy, KL, prototypes in use, lr, wd, momentum, img/s, data-wait %, ...), for
   ``utils/plot_log.py``.
 * W&B when a project is given; ``WANDB_MODE=offline`` works without network.
 
 Only rank 0 writes anything.
+
+Example:
+    >>> setup_logging(rank=dist_info.rank)
+    >>> run_log = RunLogger("runs/vits", enabled=dist_info.is_main)
+    >>> run_log.log_epoch({"epoch": 0, "train_loss": 9.2})          # one line of runs/vits/log.txt
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +36,60 @@ from typing import Any
 
 import torch
 
+__all__ = ["RunLogger", "Throughput", "append_json_line", "format_seconds", "logged_epochs", "peak_memory_gib",
+           "setup_logging"]
+
 log = logging.getLogger(__name__)
+
+ROOT = "simpool"
+# A driver run as ``python -m simpool.evaluation.run_attention`` logs as "__main__", outside the "simpool" tree.
+ROOTS = (ROOT, "__main__")
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at emit time (pytest's capture and redirections keep working)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+        self.flush()
+
+
+def setup_logging(rank: int = 0, level: int = logging.INFO) -> logging.Logger:
+    """Route the ``simpool`` loggers (and ``__main__``'s, for ``python -m``) to stdout: ``level`` and above on
+    rank 0, warnings and errors elsewhere."""
+    for name in ROOTS:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, _StdoutHandler)]:
+            logger.removeHandler(handler)
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level if rank == 0 else logging.WARNING)
+        logger.propagate = False
+    return logging.getLogger(ROOT)
+
+
+def append_json_line(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON object as a line of ``path`` (``log.txt``, ``progress.jsonl``)."""
+    with Path(path).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def logged_epochs(path: str | os.PathLike, key: str) -> set[int]:
+    """The epochs ``path`` (a ``log.txt``) holds a line with ``key`` for; lines cut by a kill are skipped."""
+    epochs = set()
+    path = Path(path)
+    if not path.is_file():
+        return epochs
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and key in entry and isinstance(entry.get("epoch"), int):
+            epochs.add(entry["epoch"])
+    return epochs
 
 
 def format_seconds(seconds: float) -> str:
@@ -92,8 +157,7 @@ class RunLogger:
         ``record``-only values (not shown on the console) go to ``progress.jsonl`` and W&B."""
         if not self.enabled:
             return
-        with self.progress_path.open("a") as f:
-            f.write(json.dumps({"iteration": step, "epoch": epoch, **values, **(record or {})}) + "\n")
+        append_json_line(self.progress_path, {"iteration": step, "epoch": epoch, **values, **(record or {})})
         if self.wandb is not None and step is not None and record:
             self.wandb.log({f"train/{k}": v for k, v in record.items()}, step=step)
         if self.wandb is not None and step is not None:
@@ -114,8 +178,7 @@ class RunLogger:
     def log_epoch(self, stats: dict[str, Any], step: int | None = None) -> None:
         if not self.enabled:
             return
-        with self.log_path.open("a") as f:
-            f.write(json.dumps(stats) + "\n")
+        append_json_line(self.log_path, stats)
         if self.wandb is not None:
             flat = {k: v for k, v in stats.items() if isinstance(v, int | float)}
             for k, (top1, top5) in stats.get("knn", {}).items():

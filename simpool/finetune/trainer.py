@@ -13,75 +13,73 @@ Files in ``--output_dir``:
 Both checkpoints load wherever a backbone is read (``load_model``, the evaluators, the attention scores), and
 ``utils/export_backbone.py`` exports them with the head (:func:`simpool.finetune.model.load_finetuned`).
 
-Usage::
-
-    python finetune.py --config configs/finetune_vit.yaml --pretrained_weights runs/vits/checkpoint.pth \\
-        --data_path /data/mydataset --output_dir runs/ft
-    torchrun --nproc_per_node=8 finetune.py --config configs/finetune_resnet.yaml --random_init \\
-        --arch resnet50 --mode simpool --data_path /imagenet --output_dir runs/rsb
+Example:
+    >>> run = FineTuneRun(parse_finetune_args(["--config", "configs/finetune_vit.yaml", ...]))
+    >>> end = run.fit()          # RunEnd(stats, stopped=None) at the last epoch
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from simpool.checkpoint import FORMAT_KEY, FORMAT_VERSION, CheckpointError, atomic_save, safe_load
-from simpool.dino.checkpointing import PreemptionFlag, rng_state, set_rng_state, set_seeds
-from simpool.dino.schedules import cosine_scheduler, scaled_lr
-from simpool.distributed import DistInfo, all_reduce_sum, barrier, cleanup
-from simpool.evaluation.common import setup_distributed
-from simpool.finetune.config import as_record, parse_finetune_args
+from simpool.checkpoint import FORMAT_KEY, FORMAT_VERSION
+from simpool.distributed import all_reduce_sum
 from simpool.finetune.data import build_mixup, labelled_splits, train_loader, val_loader
 from simpool.finetune.engine import FineTuneStep, build_criterion, evaluate
 from simpool.finetune.model import FineTuneModel, build_finetune_model, model_record, rebuild_from_record
-from simpool.flags import bad_input
-from simpool.run_log import RunLogger, format_seconds
+from simpool.run.config import flags_record, write_args_yaml
+from simpool.run.log import RunLogger, format_seconds
+from simpool.run.precision import resolve_precision
+from simpool.run.process import start_process
+from simpool.run.resume_checks import changes, refuse_changes, weights_identity
+from simpool.run.rng import restore_rng_state, rng_state, set_seeds
+from simpool.run.schedules import cosine_scheduler, scaled_lr
+from simpool.run.state import CheckpointFormat, RunCheckpoint
+from simpool.run.stop import RunEnd, StopControl, StopReason
 
-log = logging.getLogger("simpool.finetune.main")  # not __name__: "__main__" under python -m
+__all__ = ["BEST_FILE", "FINETUNE_CHECKPOINT", "FineTuneRun"]
 
-CHECKPOINT_FILE = "checkpoint.pth"
 BEST_FILE = "checkpoint_best.pth"
-FINETUNE_FORMAT = 1  # "finetune_format" in the checkpoint; FORMAT_KEY marks it as ours (not reference-format)
+# The marker of fine-tuning checkpoints (besides FORMAT_KEY, which tells load_pretrained the file is ours).
+FINETUNE_CHECKPOINT = CheckpointFormat("finetune_format", 1, "a fine-tuning checkpoint")
 
 
 class FineTuneRun:
     """Owns the model, optimizer, EMA, schedules and checkpoints of one run; ``fit()`` trains to the last epoch."""
 
-    def __init__(self, args: argparse.Namespace, dist_info: DistInfo) -> None:
-        self.args, self.dist, self.device = args, dist_info, dist_info.device
-        self.output_dir = Path(args.output_dir)
-        self.checkpoint_path = self.output_dir / CHECKPOINT_FILE
-        set_seeds(args.seed + dist_info.rank)
-        self.precision = args.precision or ("bf16" if self.device.type == "cuda" else "fp32")
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.stop_control = StopControl(args.exit_after_iterations)  # first: a signal during set-up is remembered
+        self.args = args
+        self.dist = start_process(args.dist_url)
+        self.device = self.dist.device
+        set_seeds(args.seed + self.dist.rank)
+        self.precision = resolve_precision(args.precision, self.device)
 
         # -- everything that can be wrong with the input, before anything is written --------------------------
-        self.train_set, self.val_set, self.classes = labelled_splits(args, dist_info.world_size)
-        saved = self._read_resume_checkpoint()
+        self.train_set, self.val_set, self.classes = labelled_splits(args, self.dist.world_size)
+        self.checkpoint = RunCheckpoint(args.output_dir, FINETUNE_CHECKPOINT)
+        _, saved = self.checkpoint.read()
         if saved is None:
             model, source = build_finetune_model(args, len(self.classes))
             self.source = source.as_dict()
         else:
+            self.check_same_run(saved)
             model = rebuild_from_record(saved["args"], len(self.classes), args.drop_path)
             self.source = saved.get("source", {})
         self.model: FineTuneModel = model.to(self.device)
+        self.checkpoint.prepare_folder()
+        if self.dist.is_main:
+            write_args_yaml(args.output_dir, args)
 
-        if dist_info.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "args.yaml").write_text(yaml.safe_dump(as_record(args), sort_keys=True))
-        barrier()
         self.train_model: nn.Module = self.model
-        if dist_info.world_size > 1:
+        if self.dist.world_size > 1:
             if self.device.type == "cuda":
                 self.train_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.train_model)
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -96,41 +94,44 @@ class FineTuneRun:
         self.mixup = build_mixup(args, len(self.classes))
         self.step = FineTuneStep(self.train_model, self.optimizer, build_criterion(args, self.mixup is not None),
                                  self.mixup, self.precision, args.clip_grad, self.ema)
-        self.loader, self.sampler = train_loader(self.train_set, args, dist_info)
-        self.val_loader = val_loader(self.val_set, args, dist_info)
+        self.loader, self.sampler = train_loader(self.train_set, args, self.dist)
+        self.val_loader = val_loader(self.val_set, args, self.dist)
         self.niter_per_epoch = len(self.sampler) // args.batch_size_per_gpu
-        global_batch = args.batch_size_per_gpu * dist_info.world_size
+        global_batch = args.batch_size_per_gpu * self.dist.world_size
         self.lr_schedule = cosine_scheduler(scaled_lr(args.lr, global_batch), args.min_lr, args.epochs,
                                             self.niter_per_epoch, warmup_epochs=args.warmup_epochs,
                                             start_warmup_value=args.warmup_lr)
         self.iteration, self.best = 0, {"top1": -1.0, "epoch": -1}
-        self.preempt = PreemptionFlag()
-        self.log = RunLogger(self.output_dir, enabled=dist_info.is_main, wandb_project=args.wandb_project,
-                             wandb_name=args.wandb_name, config=as_record(args))
+        self.log = RunLogger(args.output_dir, enabled=self.dist.is_main, wandb_project=args.wandb_project,
+                             wandb_name=args.wandb_name, config=flags_record(args))
         if saved is not None:
-            self._resume(saved)
+            self.resume(saved)
         else:
             self.log.print(f"fine-tuning {self.model.backbone.arch} ({self.model.backbone.mode} mode) from "
                            f"{self.source.get('weights') or 'random initialisation'}: {len(self.classes)} classes, "
                            f"{len(self.train_set)} train / {len(self.val_set)} val images")
 
     # -- checkpoints ---------------------------------------------------------------------------------------
-    def _read_resume_checkpoint(self) -> dict[str, Any] | None:
-        if not self.checkpoint_path.is_file():
-            return None
-        saved = safe_load(self.checkpoint_path)
-        if saved.get("finetune_format") != FINETUNE_FORMAT:
-            raise CheckpointError(f"{self.checkpoint_path} is not a checkpoint of this finetune.py (format "
-                                  f"{saved.get('finetune_format')}): use another --output_dir")
+    def check_same_run(self, saved: dict[str, Any]) -> None:
+        """The same classes and the same starting weights as the run in ``checkpoint.pth`` (else it would mix
+        two fine-tunings in one folder)."""
+        where = self.checkpoint.path
         if saved["classifier"]["classes"] != self.classes:
-            raise CheckpointError(f"{self.checkpoint_path} was trained on other classes than {self.args.data_path}'s:"
-                                  " use another --output_dir")
-        return saved
+            raise ValueError(f"{where} was trained on other classes than {self.args.data_path}'s: use another "
+                             "--output_dir")
+        if not isinstance(saved.get("source"), dict):
+            return
+        recorded = weights_identity(saved["source"])
+        before = {"pretrained_weights": recorded["weights"], "checkpoint_key": recorded["checkpoint_key"]}
+        now = {"pretrained_weights": weights_identity({"weights": self.args.pretrained_weights or None})["weights"]}
+        if before["checkpoint_key"] is not None:  # a training checkpoint: which of its networks was fine-tuned
+            now["checkpoint_key"] = self.args.checkpoint_key
+        refuse_changes(where, "a fine-tuning of other weights", changes(before, now, prefix="--"),
+                       fix="use another --output_dir for these weights, or the same flags to resume it")
 
     def state(self) -> dict[str, Any]:
         return {
             FORMAT_KEY: FORMAT_VERSION,
-            "finetune_format": FINETUNE_FORMAT,
             "classifier": {"classes": self.classes},
             "model": self.model.state_dict(),
             "model_ema": self.ema.module.state_dict() if self.ema is not None else None,
@@ -140,40 +141,27 @@ class FineTuneRun:
             "iteration": self.iteration,
             "best": dict(self.best),
             "source": self.source,
-            "args": {**as_record(self.args), **model_record(self.model)},
+            "args": {**flags_record(self.args), **model_record(self.model)},
             "rng": rng_state(),
         }
 
     def save(self, best: bool = False) -> None:
-        if self.dist.is_main:
-            state = self.state()
-            atomic_save(state, self.checkpoint_path)
-            if best:
-                atomic_save(state, self.output_dir / BEST_FILE)
-        barrier()
+        self.checkpoint.write(self.state() if self.dist.is_main else None, keep_as=BEST_FILE if best else None)
 
-    def _resume(self, saved: dict[str, Any]) -> None:
+    def resume(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
         if self.ema is not None and saved.get("model_ema") is not None:
             self.ema.module.load_state_dict(saved["model_ema"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.step.load_state_dict(saved.get("step", {}))
         self.iteration, self.best = int(saved["iteration"]), dict(saved["best"])
-        set_rng_state(saved["rng"])
-        if self.dist.rank:  # other ranks keep distinct but reproducible streams
-            torch.manual_seed(self.args.seed + self.dist.rank + self.iteration)
-        self.log.print(f"resumed from {self.checkpoint_path} at epoch {self.iteration // self.niter_per_epoch}, "
+        restore_rng_state(saved["rng"], self.args.seed, self.dist.rank, self.iteration)
+        self.log.print(f"resumed from {self.checkpoint.path} at epoch {self.iteration // self.niter_per_epoch}, "
                        f"iteration {self.iteration}")
 
     # -- training ------------------------------------------------------------------------------------------
-    def stop_requested(self) -> bool:
-        if 0 < self.args.exit_after_iterations <= self.iteration:
-            return True
-        flag = torch.tensor(float(self.preempt.raised), device=self.device)
-        return bool(all_reduce_sum(flag).item() > 0)
-
-    def train_one_epoch(self, epoch: int) -> dict[str, float] | None:
-        """Train one epoch; None when stopped early (checkpoint written)."""
+    def train_one_epoch(self, epoch: int) -> tuple[dict[str, float] | None, StopReason | None]:
+        """Train one epoch: (stats, None); (None, reason) when stopped early (checkpoint written)."""
         niter = self.niter_per_epoch
         start_batch = self.iteration - epoch * niter
         self.sampler.set_epoch(epoch, start_batch=start_batch)
@@ -196,23 +184,24 @@ class FineTuneRun:
                 eta = (time.perf_counter() - epoch_start) / steps * remaining
                 self.log.progress(done, niter, epoch, {"loss": (loss_sum / steps).item(), "lr": lr, "eta_s": eta},
                                   step=self.iteration)
-            if done != niter and self.stop_requested():
-                self.save()
-                return None
+            if done != niter:
+                stop = self.stop_control.agree(self.iteration).stop
+                if stop is not None:
+                    self.save()
+                    return None, stop
         self.log.end_epoch()
-        mean_loss = (all_reduce_sum(loss_sum) / max(steps * self.dist.world_size, 1)).item()
-        return {"loss": mean_loss, "lr": float(self.lr_schedule[self.iteration - 1])}
+        totals = all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(steps, dtype=torch.float64,
+                                                                              device=self.device)]))
+        return {"loss": float(totals[0] / totals[1].clamp(min=1)),
+                "lr": float(self.lr_schedule[self.iteration - 1])}, None
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self) -> RunEnd:
         args, start = self.args, time.perf_counter()
         stats: dict[str, Any] = {}
         for epoch in range(self.iteration // self.niter_per_epoch, args.epochs):
-            train_stats = self.train_one_epoch(epoch)
+            train_stats, stop = self.train_one_epoch(epoch)
             if train_stats is None:
-                self.log.print(f"stopped after iteration {self.iteration}: saved {self.checkpoint_path}; "
-                               "relaunch the same command to resume")
-                self.log.finish()
-                return {"stopped": True}
+                return self.stopped(stop, stats)
             val = evaluate(self.model, self.val_loader, self.device, self.precision)
             stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"val_{k}": v for k, v in val.items()}}
@@ -227,32 +216,16 @@ class FineTuneRun:
             self.log.log_epoch(stats, step=self.iteration)
             self.log.print(f"epoch {epoch}: val top-1 {val['top1']:.2f}  top-5 {val['top5']:.2f}  "
                            f"(best {self.best['top1']:.2f} at epoch {self.best['epoch']})")
-            if self.stop_requested():
-                self.log.print(f"stopped after epoch {epoch}: relaunch the same command to resume")
-                self.log.finish()
-                return {"stopped": True, **stats}
+            stop = self.stop_control.agree(self.iteration).stop if epoch < args.epochs - 1 else None
+            if stop is not None:
+                return self.stopped(stop, stats)
         self.log.print(f"fine-tuning time {format_seconds(time.perf_counter() - start)}; best val top-1 "
                        f"{self.best['top1']:.2f} at epoch {self.best['epoch']}")
         self.log.finish()
-        return {**stats, "best": self.best}
+        return RunEnd({**stats, "best": self.best})
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of finetune.py; returns the exit code (2: bad input, reported before anything is written)."""
-    try:
-        args = parse_finetune_args(argv)
-    except ValueError as err:
-        return bad_input(err)
-    dist_info = setup_distributed(args)
-    try:
-        run = FineTuneRun(args, dist_info)
-    except ValueError as err:  # FinetuneSetupError, DataError, CheckpointError
-        cleanup()
-        return bad_input(err)
-    run.fit()
-    cleanup()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def stopped(self, reason: StopReason, stats: dict[str, Any]) -> RunEnd:
+        saved = f"{self.checkpoint.path} at epoch {self.iteration // self.niter_per_epoch}"
+        self.log.print(self.stop_control.describe(reason, self.iteration, saved))
+        self.log.finish()
+        return RunEnd(stats, reason)

@@ -1,8 +1,10 @@
-"""Argument types and flag groups shared by every command-line tool (train_dino.py, the evaluators, utils/).
+"""Argument types and flag groups shared by every command-line tool (train_dino.py, finetune.py, the evaluators).
 
 The types accept the reference's spellings, so its commands and its ``args.yaml`` files parse as they are.
 ``add_backbone_flags`` / ``backbone_flags`` are the model flags of every tool that loads weights: they turn
-into the keywords of :func:`simpool.loading.load_model`.
+into the keywords of :func:`simpool.loading.load_model`; ``add_model_flags`` adds the weights themselves
+(``--pretrained_weights``, ``--checkpoint_key``, ``--random_init``) and ``require_weights`` refuses to evaluate
+random weights by accident; ``add_distributed_flags`` takes what the launchers pass.
 
 Example:
     >>> parser.add_argument("--use_bn_in_head", type=bool_flag, default=True)      # True/False, 1/0, yes/no
@@ -10,21 +12,23 @@ Example:
     >>> parser.add_argument("--model_overrides", type=key_value, nargs="*")        # depth=4 embed_dim=96
     >>> add_backbone_flags(parser)                  # --arch --mode --gamma --patch_size --model_overrides
     >>> model, source = load_model(args.pretrained_weights, **backbone_flags(parser.parse_args()))
+    >>> add_model_flags(parser); require_weights(parser.parse_args(["--random_init"]))
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 import yaml
 
 from simpool.loading import FROM_CHECKPOINT
 from simpool.models.base import AUTO_GAMMA, MODES
+from simpool.run.config import ConfigError
 
 __all__ = [
-    "AUTO_GAMMA", "add_backbone_flags", "backbone_flags", "bad_input", "bool_flag", "float_or_none", "key_value",
+    "AUTO_GAMMA", "add_backbone_flags", "add_distributed_flags", "add_model_flags", "backbone_flags", "bool_flag",
+    "float_or_none", "key_value", "require_weights",
 ]
 
 
@@ -87,11 +91,36 @@ def backbone_flags(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]
     }
 
 
-def bad_input(err: Exception, code: int = 2) -> int:
-    """Report a user's mistake as one line, ``error: ...`` on stderr, and return the exit code (2 by default).
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--pretrained_weights, --checkpoint_key, --random_init, and --arch/--mode/--gamma/--patch_size/...
 
-    Every entry point catches the ValueErrors its set-up raises (bad flags, data or weights) and returns this,
-    instead of a traceback.
+    Model flags left out are read from the checkpoint's recorded training args (flags given win).
     """
-    print(f"error: {err}", file=sys.stderr)
-    return code
+    group = parser.add_argument_group("weights")
+    group.add_argument("--pretrained_weights", default="", type=str,
+                       help="training checkpoint (ours or DINO's / the SimPool fork's), backbone-only file, or a "
+                       "folder written by utils/export_backbone.py")
+    group.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
+                       help="which network of a training checkpoint to use")
+    group.add_argument("--random_init", action="store_true",
+                       help="use randomly initialised weights on purpose (a baseline); without it, a missing "
+                       "--pretrained_weights is an error")
+    add_backbone_flags(parser, what="the weights")
+
+
+def require_weights(args: argparse.Namespace) -> None:
+    """The reference silently evaluated random weights when ``--pretrained_weights`` was missing."""
+    if args.random_init and args.pretrained_weights:
+        raise ConfigError("--random_init and --pretrained_weights exclude each other: drop one")
+    if not args.random_init and not args.pretrained_weights:
+        raise ConfigError(
+            "no --pretrained_weights given: pass a checkpoint or export folder, or --random_init to use "
+            "randomly initialised weights on purpose"
+        )
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """What torchrun / SLURM launchers pass (the process group itself is read from the environment)."""
+    group = parser.add_argument_group("distributed")
+    group.add_argument("--dist_url", default="env://", type=str, help="process-group init method (torchrun: env://)")
+    group.add_argument("--local_rank", "--local-rank", default=0, type=int, help="set by the launcher; ignore")
