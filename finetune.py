@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=8 finetune.py --config configs/finetune_resnet.yaml --random_init \
         --arch resnet50 --mode simpool --data_path /imagenet --output_dir runs/rsb
 
-The run is simpool/finetune/trainer.py; the flags simpool/finetune/config.py; this command simpool/finetune/run_finetune.py.
+The command is simpool/finetune/run_finetune.py, the run simpool/finetune/trainer.py, the flags
+simpool/finetune/config.py.
 """
 
 import sys

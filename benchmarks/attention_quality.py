@@ -14,7 +14,7 @@ script measures that claim end to end on data with exact object masks, on a CPU,
    * ``supervised``: the backbone + a linear classifier on the item class, cross-entropy, AdamW with a one-cycle
      lr, random resized crops and flips (:func:`train_supervised`; the paper's Table 5 setting, in miniature);
 
-3. each network (the DINO teacher) is scored with :func:`simpool.evaluation.attention.evaluate_attention`
+3. each network (the DINO teacher) is scored with :func:`simpool.evaluation.attention_scores.evaluate_attention`
    (Jaccard of the 60%-mass mask, best-threshold Jaccard, CorLoc; official: mean over heads, head-average map
    and best head), next to its untrained self; what it learned is shown by the weighted 20-NN top-1 the DINO
    trainer runs at the end (with the untrained network's and raw pixels' k-NN, ``--knn_baselines``) and by the
@@ -60,8 +60,8 @@ from simpool.data import FASHION_MNIST_CLASSES  # noqa: E402
 from simpool.data.fashion_on_photos import load_background_photos, mask_samples, render_fashion_on_photo  # noqa: E402
 from simpool.data.masks import mask_to_box  # noqa: E402
 from simpool.dino.run_train import main as train_dino  # noqa: E402
-from simpool.evaluation.attention import evaluate_attention, format_table  # noqa: E402
 from simpool.evaluation.attention_metrics import evaluate_maps  # noqa: E402
+from simpool.evaluation.attention_scores import evaluate_attention, format_table  # noqa: E402
 from simpool.evaluation.knn import knn_classifier  # noqa: E402
 from simpool.loading import load_model  # noqa: E402
 from simpool.models import build_backbone  # noqa: E402

@@ -1,4 +1,5 @@
-"""Shared test helpers: where the reference fixtures live, tiny model settings."""
+"""pytest fixtures shared by every test module: where the reference fixtures live, a seed per test
+(plain helpers live in tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, TINY_CONVNEXT, TINY_RESNET, TINY_VIT  # noqa: F401 - test_reference_parity reads them here
+
 FIXTURE_DIRS = [
     Path(os.environ.get("SIMPOOL_FIXTURES", REPO / "tests" / "fixtures" / "reference")),
     REPO.parent / "shared" / "fixtures" / "reference",
@@ -17,11 +19,6 @@ FIXTURE_DIRS = [
 # One intra-op thread: tiny tensors gain nothing from more, CPU results become bitwise reproducible, and
 # OpenMP threads spinning against other processes on a busy 2-core machine can slow a test 20-fold.
 torch.set_num_threads(1)
-
-TINY_VIT = {"depth": 2, "embed_dim": 192, "num_heads": 3}
-TINY_RESNET = {"layers": (1, 1, 1, 1)}
-TINY_CONVNEXT = {"depths": (1, 1, 1, 1), "dims": (32, 64, 128, 256)}
-
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:

@@ -17,7 +17,7 @@ from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
 from simpool.dino.run_train import main
 from simpool.dino.step import DINOStep, StepSchedule
-from tests.test_train import FASHION_TINY, _free_port, needs_fashion, run_cli
+from tests.helpers import FASHION_TINY, free_port, needs_fashion, run_cli
 
 K = 32
 
@@ -155,7 +155,7 @@ def test_two_gloo_processes_accumulate_and_stop_on_collapse_together(tmp_path):
     """torchrun, 2 gloo processes: --accum_steps 2 keeps the teachers identical and counts optimizer steps; the
     collapse alarm is decided on all-reduced values, so both ranks stop at the same step (no hang), exit 1."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port())]
+                "--master_port", str(free_port())]
     small = [*FASHION_TINY, "--subset", "4", "--batch_size_per_gpu", "2", "--accum_steps", "2"]
     out = tmp_path / "ddp"
     result = run_cli([*small, "--epochs", "1", "--output_dir", str(out)], launcher=launcher)

@@ -1,4 +1,4 @@
-"""The attention-quality CLI (simpool.evaluation.attention): weights in, Jaccard/CorLoc table and JSON out.
+"""The attention-quality CLI (simpool.evaluation.run_attention): weights in, Jaccard/CorLoc table and JSON out.
 
 The metrics themselves are tested in test_attention_metrics.py; here: loading checkpoints and export folders,
 both data sources (generated fashion-on-photos, a VOC-style folder), the per-head report of official ViTs, and
@@ -7,7 +7,6 @@ that the glue (image preparation -> map -> upsampling -> scores) loses nothing: 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,45 +15,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from simpool.data import FASHION_MNIST_DIR
 from simpool.data.generated.voc import write_voc_style
 from simpool.data.masks import MaskSample, mask_to_box
-from simpool.evaluation.attention import (
-    evaluate_attention,
-    load_mask_samples,
-    main,
-    parse_fashion_spec,
-)
+from simpool.evaluation.attention_scores import evaluate_attention, load_mask_samples, parse_fashion_spec
+from simpool.evaluation.run_attention import main
 from simpool.export import export_backbone
-from simpool.models import build_backbone
-
-needs_fashion = pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-                                   reason="Debian package dataset-fashion-mnist is not installed")
-
-TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 32}
-METRIC_NAMES = {"jaccard_mass", "jaccard_best_threshold", "corloc"}
-
-
-def tiny_checkpoint(folder: Path, mode: str) -> Path:
-    """A backbone-only state dict of a random tiny ViT (patch 8): what export_backbone accepts with flags."""
-    torch.manual_seed(0)
-    model = build_backbone("vit_tiny", mode=mode, patch_size=8, **TINY)
-    path = folder / f"{mode}.pth"
-    torch.save(model.state_dict(), path)
-    return path
+from tests.helpers import TINY_ATTENTION_VIT as TINY
+from tests.helpers import needs_fashion, read_scores, tiny_checkpoint
 
 
 def tiny_export(folder: Path, mode: str) -> Path:
     return export_backbone(tiny_checkpoint(folder, mode), folder / f"export_{mode}", arch="vit_tiny", mode=mode,
                            patch_size=8, **TINY)
-
-
-def read_scores(path: Path) -> dict:
-    result = json.loads(path.read_text())
-    for row in result["rows"].values():
-        assert set(row) == METRIC_NAMES
-        assert all(0.0 <= value <= 1.0 for value in row.values()), row
-    return result
 
 
 @needs_fashion

@@ -16,8 +16,7 @@ from simpool.dino.config import ConfigError, parse_args
 from simpool.dino.run_train import main
 from simpool.models import build_backbone
 from simpool.visualize import attention_mask, overlay
-from tests.conftest import TINY_RESNET, TINY_VIT
-from tests.test_train import FASHION_TINY, needs_fashion
+from tests.helpers import FASHION_TINY, TINY_RESNET, TINY_VIT, needs_fashion
 
 
 def photos(count: int = 2) -> list[Image.Image]:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from simpool.data import FASHION_MNIST_DIR
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def run_script(*args: str, timeout: int = 300) -> str:

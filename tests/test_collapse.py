@@ -3,23 +3,17 @@ none; --stop_on_collapse ends a run with a checkpoint, exit code 1 and the warni
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 
-from simpool import build_backbone
 from simpool.dino.collapse import CollapseMonitor, collapse_mode
 from simpool.dino.config import ConfigError, parse_args
-from simpool.dino.head import DINOHead, MultiCropWrapper
-from simpool.dino.loss import DINOLoss
-from simpool.dino.optim import build_optimizer, get_params_groups
 from simpool.dino.run_train import main
 from simpool.dino.running_stats import RunningSums
-from simpool.dino.step import DINOStep, StepSchedule
-from tests.conftest import REPO
-from tests.test_train import FASHION_TINY, needs_fashion
+from simpool.dino.step import StepSchedule
+from tests.helpers import FASHION_TINY, REPO, needs_fashion, tiny_dino_step
 
 K = 64
 
@@ -28,14 +22,7 @@ def monitored_run(teacher_temp: float, center_momentum: float, steps: int = 40, 
     """A tiny DINO run on noisy views of random images, its running sums fed to the monitor every log step as
     Trainer.report does; returns the readings and the warnings."""
     torch.manual_seed(0)
-    backbone = build_backbone("vit_tiny", patch_size=4, depth=1, embed_dim=32, num_heads=2, img_size=16)
-    student = MultiCropWrapper(backbone, DINOHead(32, K, hidden_dim=32, bottleneck_dim=16, use_bn=False,
-                                                  norm_last_layer=False))
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad = False
-    step = DINOStep(student, teacher, DINOLoss(K, 4, center_momentum=center_momentum),
-                    build_optimizer("adamw", get_params_groups(student)), clip_grad=3.0)
+    step, _, _ = tiny_dino_step(out_dim=K, center_momentum=center_momentum)
     monitor = CollapseMonitor(K)
     g = torch.Generator().manual_seed(0)
     sums = RunningSums()

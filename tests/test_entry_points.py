@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +26,7 @@ from simpool.evaluation.knn import knn_classifier
 from simpool.evaluation.linear import train_linear_on_features
 from simpool.export import export_backbone
 from simpool.loading import load_model
-from tests.conftest import REPO
-from tests.test_train import TINY
+from tests.helpers import REPO, TINY, free_port
 
 CLASSES = ("cat", "coffee", "rocket", "astronaut")
 IMAGE_SIZE = "16"  # the crop size the tiny checkpoint was trained at
@@ -184,20 +182,22 @@ def test_linear_two_epochs_logs_checkpoints_and_resumes_exactly(trained, tmp_pat
     assert len(state["optimizer"]["state"]) == 4 and state["scheduler"]["last_epoch"] == 2  # 2 heads x (W, b)
     assert "best top-1" in capsys.readouterr().out
     assert run_linear.main([*args, "--epochs", "3"]) == 2  # another schedule: refused, not mixed
-    assert "belongs to a different probe: epochs 2 (now 3)" in capsys.readouterr().err
+    assert "holds a probe of other features or flags: epochs 2 -> 3" in capsys.readouterr().err
 
     # Killed after its second epoch and rerun, a 3-epoch probe ends on the same bits as one run straight.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     torch.manual_seed(0)  # the augmentations draw from the global RNG
     assert run_linear.main([*args, "--epochs", "3", "--output_dir", str(straight)]) == 0
     epochs_done = []
+    log_line = linear_probe.append_json_line
 
-    def killed_after_two_epochs():
+    def killed_after_two_epochs(*args):  # the kill comes once epoch 2's checkpoint and log line are written
+        log_line(*args)
         epochs_done.append(1)
         if len(epochs_done) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(linear_probe, "barrier", killed_after_two_epochs)
+    monkeypatch.setattr(linear_probe, "append_json_line", killed_after_two_epochs)
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
         run_linear.main([*args, "--epochs", "3", "--output_dir", str(resumed)])
@@ -218,7 +218,7 @@ def test_linear_two_epochs_logs_checkpoints_and_resumes_exactly(trained, tmp_pat
         assert f"evaluate: lr {float(lr):g}: top-1 {scores['top1']:.2f}%" in printed
 
     assert run_linear.main([*args, "--epochs", "3", "--lrs", "0.5", "--output_dir", str(straight)]) == 2
-    assert "belongs to a different probe: lrs [0.01, 1.0] (now [0.5])" in capsys.readouterr().err
+    assert "holds a probe of other features or flags: lrs [0.01, 1.0] -> [0.5]" in capsys.readouterr().err
 
 
 def test_linear_cached_features_equals_library(trained, tmp_path):
@@ -305,10 +305,6 @@ if __name__ == "__main__":
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_extract_like_one_and_keep_identical_linear_heads(trained, tmp_path):
@@ -318,7 +314,7 @@ def test_two_gloo_processes_extract_like_one_and_keep_identical_linear_heads(tra
     result_file, out = tmp_path / "ddp_features.pt", tmp_path / "ddp_linear"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(script), str(result_file), str(photos), str(out)]
+               str(free_port()), str(script), str(result_file), str(photos), str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -16,8 +15,7 @@ from safetensors.torch import load_file, save_file
 from simpool.checkpoint import CheckpointError, safe_load
 from simpool.export import TIMM_WEIGHTS_FILE, export_backbone
 from simpool.loading import WEIGHTS_FILE, load_backbone, load_model
-from simpool.models import build_backbone
-from tests.conftest import REPO, TINY_RESNET, TINY_VIT
+from tests.helpers import REPO, TINY_RESNET, TINY_VIT, write_training_checkpoint
 
 
 def load_cli(name: str):
@@ -25,43 +23,6 @@ def load_cli(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def randomised(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
-    """Perturb every float parameter and buffer, so that a misplaced LayerNorm/beta/statistic shows."""
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():  # the state dict shares the model's storage
-            if tensor.is_floating_point():
-                tensor.add_(scale * torch.randn_like(tensor))
-                if name.endswith("running_var"):
-                    tensor.abs_()
-    return model.eval()
-
-
-def write_training_checkpoint(path: Path, arch: str, mode: str, overrides: dict, gamma="auto_free") -> tuple:
-    """A checkpoint shaped like train_dino.py's; returns (teacher backbone, student backbone)."""
-    recorded_gamma = {"vit_tiny": 1.25, "resnet18": 2.0}[arch] if gamma == "auto_free" else gamma
-    teacher = randomised(build_backbone(arch, mode=mode, gamma=recorded_gamma, **overrides))
-    student = randomised(build_backbone(arch, mode=mode, gamma=recorded_gamma, **overrides))
-    head = {"head.mlp.0.weight": torch.ones(16, teacher.embed_dim), "head.last_layer.weight_v": torch.ones(8)}
-    torch.save(
-        {
-            "simpool_format": 1,
-            "teacher": {**{f"backbone.{k}": v for k, v in teacher.state_dict().items()}, **head},
-            "student": {**{f"backbone.{k}": v for k, v in student.state_dict().items()}, **head},
-            "optimizer": {"state": {}, "param_groups": []},
-            "epoch": 3,
-            "iteration": 30,
-            "args": {
-                "arch": arch, "mode": mode, "gamma": recorded_gamma, "patch_size": 16,
-                "model_overrides": overrides,
-                "epochs": 100, "out_dim": 4096, "lr": 0.0005, "batch_size_per_gpu": 64,
-                "data_path": "/data/imagenet", "global_crops_scale": [0.25, 1.0], "dist_url": "env://",
-            },
-        },
-        path,
-    )
-    return teacher, student
 
 
 CASES = [("vit_tiny", "simpool", TINY_VIT, 224), ("vit_tiny", "official", TINY_VIT, 224),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from simpool.cli.export_backbone import main as export_main
+from simpool.cli.run_export import main as export_main
 from simpool.finetune.config import parse_finetune_args
 from simpool.finetune.data import labelled_splits, val_loader
 from simpool.finetune.engine import evaluate
 from simpool.finetune.model import build_finetune_model, load_finetuned, rebuild_from_record
 from simpool.finetune.run_finetune import main
 from simpool.loading import load_model, read_export_config
-from tests.conftest import REPO
-
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
-                                   reason="Debian package dataset-fashion-mnist is not installed")
+from tests.helpers import REPO, free_port, needs_fashion
 
 MODEL = ["--random_init", "--arch", "vit_tiny", "--mode", "simpool", "--patch_size", "7",
          "--model_overrides", "depth=1", "embed_dim=32", "num_heads=2", "img_size=28"]
@@ -103,10 +98,6 @@ def test_fine_tunes_a_dino_checkpoint_and_exports_backbone_and_head(reference_di
         assert torch.equal(backbone(images), trained.backbone(images))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @needs_fashion
@@ -116,7 +107,7 @@ def test_two_gloo_processes_train_and_evaluate_every_val_image_once(tmp_path):
              "--batch_size_per_gpu", "4", "--epochs", "1", "--warmup_epochs", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(REPO / "finetune.py"), *flags, "--output_dir", str(out)]
+               str(free_port()), str(REPO / "finetune.py"), *flags, "--output_dir", str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)

@@ -11,7 +11,7 @@ from simpool import build_backbone
 from simpool.dino.build import build_student_teacher
 from simpool.dino.config import ConfigError, parse_args
 from simpool.models import TimmBackbone
-from tests.conftest import TINY_CONVNEXT, TINY_RESNET
+from tests.helpers import TINY_CONVNEXT, TINY_RESNET
 
 CASES = {
     "vit_tiny": {"depth": 3, "embed_dim": 32, "num_heads": 2, "patch_size": 4},

@@ -9,11 +9,10 @@ import torch
 
 from simpool.checkpoint import CheckpointError
 from simpool.export import export_backbone
-from simpool.flags import add_backbone_flags, backbone_flags
 from simpool.loading import FROM_CHECKPOINT, load_model
 from simpool.models import build_backbone
-from tests.conftest import TINY_VIT
-from tests.test_export import write_training_checkpoint
+from simpool.run.flags import add_backbone_flags, backbone_flags
+from tests.helpers import TINY_VIT, write_training_checkpoint
 
 X = torch.randn(1, 3, 224, 224)  # the size at which the reference position-embedding rule changes nothing
 

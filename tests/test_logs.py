@@ -1,12 +1,12 @@
-"""simpool.logs: rank 0 prints INFO to stdout, other ranks only warnings, with their rank."""
+"""simpool.run.log.setup_logging: rank 0 prints INFO to stdout, other ranks only warnings, with their rank."""
 
 import logging
 import os
 import subprocess
 import sys
 
-from simpool.logs import setup_logging
-from tests.conftest import REPO
+from simpool.run.log import setup_logging
+from tests.helpers import REPO
 
 
 def test_rank0_prints_info_other_ranks_only_warnings(capsys):

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from simpool.data.masks import read_coco
-from simpool.evaluation.attention import main
-from tests.test_attention_eval import read_scores, tiny_checkpoint
+from simpool.evaluation.run_attention import main
+from tests.helpers import read_scores, tiny_checkpoint
 
 
 def write_coco(folder, annotations=None):

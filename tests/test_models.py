@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from simpool import CheckpointError, build_backbone, load_pretrained
 from simpool.checkpoint import FORMAT_KEY, atomic_save
 from simpool.models import ARCHS, arch_family, default_gamma
-from tests.conftest import TINY_CONVNEXT, TINY_RESNET, TINY_VIT
+from tests.helpers import TINY_CONVNEXT, TINY_RESNET, TINY_VIT
 
 TINY = {"vit_tiny": TINY_VIT, "resnet18": TINY_RESNET, "convnext_tiny": TINY_CONVNEXT}
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from simpool.checkpoint import FORMAT_KEY, FORMAT_VERSION
-from simpool.cli.export_backbone import main
+from simpool.cli.run_export import main
 from simpool.loading import load_backbone
 from simpool.models import build_backbone
-from tests.conftest import REPO, TINY_RESNET, TINY_VIT
+from tests.helpers import REPO, TINY_RESNET, TINY_VIT
 
 try:
     import onnxruntime

@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 from sklearn.decomposition import PCA
 
-from simpool.cli.visualize_attention import main as visualize_main
+from simpool.cli.run_visualize import main as visualize_main
 from simpool.pca import first_component, pca_image, pca_rgb, principal_components
-from tests.conftest import TINY_RESNET, TINY_VIT
-from tests.test_visualize import save_checkpoint
+from tests.helpers import TINY_RESNET, TINY_VIT, save_teacher_checkpoint
 
 
 def object_grid(generator: torch.Generator, d: int = 16, h: int = 6, w: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +69,7 @@ def test_joint_pca_gives_the_same_patches_the_same_colours():
 @pytest.mark.parametrize("arch,overrides", [("vit_tiny", TINY_VIT), ("resnet18", TINY_RESNET)])
 def test_cli_writes_pca_png_beside_the_attention_maps(arch, overrides, tmp_path):
     weights = tmp_path / "checkpoint.pth"
-    save_checkpoint(weights, arch, "simpool", overrides)
+    save_teacher_checkpoint(weights, arch, "simpool", overrides)
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)

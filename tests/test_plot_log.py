@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from PIL import Image
 
-from simpool.cli.plot_log import main, read_run
-from simpool.run_log import RunLogger
+from simpool.cli.run_plot_log import main, read_run
+from simpool.run.log import RunLogger
 
 
 def fake_run(folder, loss_scale=1.0):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from PIL import Image
 from simpool.data.fashion_on_photos import SEGMENTATION_CLASSES, class_mask, render_fashion_on_photo
 from simpool.data.generated.voc import write_voc_style
 from simpool.data.segmentation import SegmentationFolder, build_segmentation_splits
-from simpool.evaluation import segmentation as seg_cli
+from simpool.evaluation import run_segmentation as seg_cli
 from simpool.evaluation.segmentation_probe import (
     SegmentationHeads,
     all_background_confusion,
@@ -26,11 +25,8 @@ from simpool.evaluation.segmentation_probe import (
     iou_from_confusion,
 )
 from simpool.models import build_backbone
-from tests.conftest import REPO, TINY_CONVNEXT, TINY_RESNET, TINY_VIT
+from tests.helpers import REPO, TINY_CONVNEXT, TINY_RESNET, TINY_VIT, free_port, needs_fashion
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
-                                   reason="Debian package dataset-fashion-mnist is not installed")
 DEMO_EXPORT = REPO / "tests" / "fixtures" / "demo_backbone"  # the demo run's teacher (see its config.json)
 TINY_FLAGS = ["--random_init", "--arch", "vit_tiny", "--mode", "simpool", "--patch_size", "8",
               "--model_overrides", "depth=1", "embed_dim=32", "num_heads=2", "--num_workers", "0"]
@@ -181,6 +177,27 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 
 @needs_fashion
+def test_a_rerun_on_other_weights_is_refused_like_the_linear_probe(tmp_path, capsys):
+    weights = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"w{seed}.pth"
+        torch.save(build_backbone("vit_tiny", mode="simpool", patch_size=8, depth=1, embed_dim=32,
+                                  num_heads=2).state_dict(), path)
+        weights.append(path)
+    flags = ["--arch", "vit_tiny", "--mode", "simpool", "--patch_size", "8", "--model_overrides", "depth=1",
+             "embed_dim=32", "num_heads=2", "--num_workers", "0", "--data_path", "fashion-on-photos:8",
+             "--image_size", "32", "--epochs", "1", "--output_dir", str(tmp_path / "probe")]
+    assert seg_cli.main(["--pretrained_weights", str(weights[0]), *flags]) == 0
+    before = (tmp_path / "probe" / "checkpoint.pth.tar").read_bytes()
+    capsys.readouterr()
+    assert seg_cli.main(["--pretrained_weights", str(weights[1]), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "holds a probe of other features or flags: weights" in err and "w1.pth" in err, err
+    assert (tmp_path / "probe" / "checkpoint.pth.tar").read_bytes() == before  # nothing was overwritten
+
+
+@needs_fashion
 @pytest.mark.skipif(not (DEMO_EXPORT / "config.json").is_file(), reason="demo backbone fixture missing")
 def test_trained_backbone_beats_all_background(tmp_path):
     """The demo run's teacher (DINO on Fashion-MNIST): its patch features segment the pasted items."""
@@ -197,15 +214,11 @@ def test_trained_backbone_beats_all_background(tmp_path):
 
 DDP_PROBE = """
 import sys
-from simpool.evaluation.segmentation import main
+from simpool.evaluation.run_segmentation import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @needs_fashion
@@ -221,7 +234,7 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(script), *flags, "--data_path", "fashion-on-photos:24",
+               str(free_port()), str(script), *flags, "--data_path", "fashion-on-photos:24",
                "--image_size", "32", "--epochs", "4", "--val_freq", "2", "--output_dir", str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

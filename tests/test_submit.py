@@ -12,7 +12,6 @@ import importlib.util
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,8 +21,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.test_train import FASHION_TINY, assert_same_weights, needs_fashion, teacher
+from tests.helpers import FASHION_TINY, REPO, assert_same_weights, free_port, needs_fashion, teacher
 
 submitit = pytest.importorskip("submitit")
 from submitit.local.local import LocalJobEnvironment  # noqa: E402 - only once submitit is known to exist
@@ -63,10 +61,6 @@ def read_text(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_job(job) -> None:

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,40 +17,7 @@ import torch
 from PIL import Image
 
 from simpool.dino.run_train import main
-from tests.conftest import REPO
-
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
-                                   reason="Debian package dataset-fashion-mnist is not installed")
-
-TINY = [
-    "--arch", "vit_tiny", "--mode", "simpool", "--patch_size", "4",
-    "--model_overrides", "depth=1", "embed_dim=32", "num_heads=2",
-    "--global_crops_size", "16", "--local_crops_size", "8", "--local_crops_number", "2",
-    "--out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--use_bn_in_head", "False",
-    "--batch_size_per_gpu", "4", "--num_workers", "0", "--precision", "fp32", "--optimizer", "adamw",
-    "--lr", "0.001", "--min_lr", "1e-5", "--warmup_epochs", "0", "--warmup_teacher_temp_epochs", "0",
-    "--eval_every", "0", "--nb_knn", "1", "--knn_max_images", "20", "--log_every", "1",
-    "--drop_path_rate", "0.1", "--freeze_last_layer", "1",
-]
-FASHION_TINY = [*TINY, "--data_path", "fashion-mnist", "--subset", "2"]  # 20 images: 5 steps per epoch
-
-
-def run_cli(args: list[str], env_extra: dict | None = None, launcher: list[str] | None = None, **kwargs):
-    """Run train_dino.py in a subprocess, single-threaded so CPU results are bitwise reproducible."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
-    command = [*(launcher or [sys.executable]), str(REPO / "train_dino.py"), *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, **kwargs)
-
-
-def teacher(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["teacher"]
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+from tests.helpers import FASHION_TINY, REPO, TINY, assert_same_weights, free_port, needs_fashion, run_cli, teacher
 
 
 @needs_fashion
@@ -213,17 +179,11 @@ def test_config_file_values_are_converted_like_flags(tmp_path):
     assert args.nb_knn == [3] and args.gamma == "auto" and args.model_overrides == {"depth": 2}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_fashion
 def test_two_gloo_processes_keep_identical_teachers(tmp_path):
     out = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port())]
+                "--master_port", str(free_port())]
     result = run_cli([*FASHION_TINY, "--subset", "4", "--epochs", "1", "--output_dir", str(out)], launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     epoch_log = json.loads((out / "log.txt").read_text().splitlines()[-1])
@@ -234,7 +194,7 @@ def test_two_gloo_processes_keep_identical_teachers(tmp_path):
 @needs_fashion
 def test_two_nodes_rendezvous_on_localhost(tmp_path):
     out = tmp_path / "nodes"
-    port = str(_free_port())
+    port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     procs = []
     for node_rank in (0, 1):

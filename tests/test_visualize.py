@@ -15,29 +15,14 @@ import torch
 from PIL import Image
 
 from simpool.attention_maps import fit_to_stride, mass_threshold_mask, model_stride, prepare_image
-from simpool.cli.visualize_attention import main as visualize_main
+from simpool.cli.run_visualize import main as visualize_main
 from simpool.export import export_backbone
 from simpool.loading import load_backbone
-from simpool.models import build_backbone
 from simpool.visualize import image_maps, map_names
-from tests.conftest import REPO, TINY_RESNET, TINY_VIT
+from tests.helpers import REPO, TINY_RESNET, TINY_VIT, save_teacher_checkpoint
 
 IMAGE_SIZE = 224
 EXPECTED_SIZE = (224, 304)  # the 375 x 500 VOC photo: shorter side 224, 298.7 -> 304 (19 patches of 16)
-
-
-def save_checkpoint(path: Path, arch: str, mode: str, overrides: dict) -> torch.nn.Module:
-    model = build_backbone(arch, mode=mode, **overrides).eval()
-    torch.save(
-        {
-            "simpool_format": 1,
-            "teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()},
-            "args": {"arch": arch, "mode": mode, "gamma": model.gamma, "patch_size": 16,
-                     "model_overrides": overrides},
-        },
-        path,
-    )
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +35,9 @@ def photo_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("weights")
-    save_checkpoint(folder / "simpool.pth", "vit_tiny", "simpool", TINY_VIT)
-    save_checkpoint(folder / "official.pth", "vit_tiny", "official", TINY_VIT)
-    save_checkpoint(folder / "resnet_official.pth", "resnet18", "official", TINY_RESNET)
+    save_teacher_checkpoint(folder / "simpool.pth", "vit_tiny", "simpool", TINY_VIT)
+    save_teacher_checkpoint(folder / "official.pth", "vit_tiny", "official", TINY_VIT)
+    save_teacher_checkpoint(folder / "resnet_official.pth", "resnet18", "official", TINY_RESNET)
     return {
         "simpool_export": export_backbone(folder / "simpool.pth", folder / "simpool_export"),
         "official_export": export_backbone(folder / "official.pth", folder / "official_export"),

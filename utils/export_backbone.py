@@ -5,12 +5,12 @@
     python utils/export_backbone.py dino_deitsmall16_pretrain.pth exports/dino_vits \
         --arch vit_small --mode official
 
-The command is simpool/cli/export_backbone.py; the export format is simpool/export.py.
+The command is simpool/cli/run_export.py; the export format is simpool/export.py.
 """
 
 import sys
 
-from simpool.cli.export_backbone import main
+from simpool.cli.run_export import main
 
 if __name__ == "__main__":
     sys.exit(main())

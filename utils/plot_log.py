@@ -4,12 +4,12 @@ lr / wd / momentum, k-NN per epoch (with random-init and raw-pixel lines), img/s
     python utils/plot_log.py runs/demo                        # writes runs/demo/curves.png
     python utils/plot_log.py runs/a runs/b --out compare.png  # several runs overlaid
 
-The command is simpool/cli/plot_log.py.
+The command is simpool/cli/run_plot_log.py.
 """
 
 import sys
 
-from simpool.cli.plot_log import main
+from simpool.cli.run_plot_log import main
 
 if __name__ == "__main__":
     sys.exit(main())

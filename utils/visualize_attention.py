@@ -2,12 +2,12 @@
 
     python utils/visualize_attention.py --pretrained_weights exports/vits --image_path cat.jpg --output_dir v
 
-The flags and the files written are described in simpool/cli/visualize_attention.py (``--help``).
+The flags and the files written are described in simpool/cli/run_visualize.py (``--help``).
 """
 
 import sys
 
-from simpool.cli.visualize_attention import main
+from simpool.cli.run_visualize import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,13 +18,13 @@ from torch.utils.data import DataLoader
 
 from simpool.data import DataError, ResumableDistributedSampler, build_dataset, collate_skip_bad, seed_worker
 from simpool.dino.augment import DataAugmentationDINO, DecodeForGPU, collate_padded_skip_bad
-from simpool.run.config import ConfigError
 from simpool.dino.head import DINOHead, MultiCropWrapper
 from simpool.dino.loss import DINOLoss
 from simpool.dino.optim import build_optimizer, get_params_groups
 from simpool.dino.step import DINOStep
 from simpool.distributed import DistInfo, unwrap
 from simpool.models import build_backbone
+from simpool.run.config import ConfigError
 
 
 def build_student_teacher(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn.Module, int]:

@@ -7,10 +7,12 @@
 * :mod:`simpool.evaluation.linear`: linear heads on frozen features, one per lr, trained in one pass
   (``torch.optim.SGD`` + ``CosineAnnealingLR``); :mod:`simpool.evaluation.linear_probe`: the probe's run
   (checkpoint, resume, logs) behind ``eval_linear.py``
-* :mod:`simpool.evaluation.attention_metrics`: Jaccard / CorLoc of attention maps against object masks
-* :mod:`simpool.evaluation.common`: the flags and set-up the command-line drivers share
-* drivers (``main(argv) -> exit code``, not imported here): :mod:`~simpool.evaluation.run_knn` (``eval_knn.py``),
-  :mod:`~simpool.evaluation.run_linear` (``eval_linear.py``), :mod:`~simpool.evaluation.attention`
+* :mod:`simpool.evaluation.attention_metrics`: Jaccard / CorLoc of attention maps against object masks;
+  :mod:`simpool.evaluation.attention_scores`: those scores for a model on a data set
+* :mod:`simpool.evaluation.segmentation_probe`: the linear segmentation probe on patch features
+* :mod:`simpool.evaluation.common`: the data flags and frozen-model set-up the command lines share
+* command lines (``run_*.py``, ``main(argv) -> exit code``, not imported here): ``run_knn`` (``eval_knn.py``),
+  ``run_linear`` (``eval_linear.py``), ``run_attention``, ``run_segmentation``
 
 Example:
     >>> from simpool.data import build_labelled_splits

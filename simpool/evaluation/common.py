@@ -1,22 +1,22 @@
-"""Command-line plumbing shared by the evaluators (``eval_knn.py``, ``eval_linear.py``, the attention scores).
+"""Command-line plumbing shared by the evaluators (k-NN, linear probe, segmentation probe, attention scores...).
 
-One place for what they do before the first image is embedded:
+What the evaluators do before the first image is embedded, besides the run layer's flags and process set-up
+(:mod:`simpool.run.flags`: ``add_model_flags``, ``require_weights``, ``add_distributed_flags``;
+:mod:`simpool.run.process`: ``start_process``):
 
-* flags: the model (``--pretrained_weights``, ``--checkpoint_key``, ``--random_init`` and the backbone
-  flags of :func:`simpool.flags.add_backbone_flags`), the data (``--data_path``, ``--image_size``, batch
-  size, workers) and the launcher (``--dist_url``, ``--local_rank``);
-* :func:`setup_distributed`: join the process group torchrun/SLURM describes and pick the device;
+* :func:`add_data_flags` / :func:`parse_flags`: ``--data_path``, ``--image_size``, batch size, workers, checked;
 * :func:`labelled_splits`: ``train/`` and ``val/`` with the same label space, checked before any model exists;
-* :func:`build_model`: :func:`simpool.loading.load_model` on the flags, frozen on the device.
+* :func:`build_model`: :func:`simpool.loading.load_model` on the flags, frozen on the device;
+* :func:`results_folder` / :func:`write_json`: where result files go, written whole.
 
-Bad input found while setting up is a ``ValueError`` (``EvalSetupError``, ``DataError``, ``CheckpointError``):
-each driver's ``main`` prints it as ``error: ...`` on stderr and returns exit code 2, as ``train_dino.py`` does.
+Bad input found while setting up is a ``ValueError`` (``ConfigError``, ``DataError``, ``CheckpointError``): each
+driver's ``main`` prints it as ``error: ...`` on stderr and returns exit code 2, as ``train_dino.py`` does.
 
 Example (the skeleton of every evaluator)::
 
     >>> args = parse_flags(parser, argv)
     >>> require_weights(args)
-    >>> dist_info = setup_distributed(args)
+    >>> dist_info = start_process(args.dist_url)
     >>> train, val, num_classes = labelled_splits(args, eval_transform(args.image_size))
     >>> model, source = build_model(args, dist_info.device)
 """
@@ -34,117 +34,40 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from simpool.checkpoint import atomic_write_text
 from simpool.data import build_labelled_splits
-from simpool.distributed import DistInfo, init_distributed, is_main_process
+from simpool.distributed import is_main_process
 from simpool.evaluation.features import num_classes_of
-from simpool.flags import add_backbone_flags, backbone_flags
 from simpool.loading import ModelSource, load_model
-from simpool.logs import setup_logging
 from simpool.models import PooledBackbone
+from simpool.run.config import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, check_ranges
+from simpool.run.flags import backbone_flags
 
-
-class EvalSetupError(ValueError):
-    """A flag combination the evaluators cannot run; the message says which flag to change."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# flags
-# ----------------------------------------------------------------------------------------------------------
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """--pretrained_weights, --checkpoint_key, --random_init, and --arch/--mode/--gamma/--patch_size/...
-
-    Model flags left out are read from the checkpoint's recorded training args (flags given win).
-    """
-    group = parser.add_argument_group("weights")
-    group.add_argument(
-        "--pretrained_weights",
-        default="",
-        type=str,
-        help="training checkpoint (ours or DINO's / the SimPool fork's), backbone-only "
-        "file, or a folder written by utils/export_backbone.py",
-    )
-    group.add_argument(
-        "--checkpoint_key",
-        default="teacher",
-        choices=["teacher", "student"],
-        help="which network of a training checkpoint to evaluate",
-    )
-    group.add_argument(
-        "--random_init",
-        action="store_true",
-        help="evaluate randomly initialised weights on purpose (a baseline); without it, a "
-        "missing --pretrained_weights is an error",
-    )
-    add_backbone_flags(parser, what="the weights")
+__all__ = ["add_data_flags", "build_model", "labelled_splits", "parse_flags", "require_data_path",
+           "results_folder", "write_json"]
 
 
 def add_data_flags(parser: argparse.ArgumentParser, batch_size: int = 128) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument(
-        "--data_path",
-        default=None,
-        type=str,
-        help="root holding train/ and val/ class folders (ImageFolder), or fashion-mnist",
-    )
-    group.add_argument(
-        "--image_size",
-        default=224,
-        type=int,
-        help="evaluation crop side; the resize before it is 256/224 of it (DINO: 256 -> 224)",
-    )
+    group.add_argument("--data_path", default=None, type=str,
+                       help="root holding train/ and val/ class folders (ImageFolder), or fashion-mnist")
+    group.add_argument("--image_size", default=224, type=int,
+                       help="evaluation crop side; the resize before it is 256/224 of it (DINO: 256 -> 224)")
     group.add_argument("--batch_size_per_gpu", default=batch_size, type=int, help="images per process")
     group.add_argument("--num_workers", default=10, type=int, help="data loading workers per process")
-
-
-def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("distributed")
-    group.add_argument(
-        "--dist_url", default="env://", type=str, help="process-group init method (torchrun: env://)"
-    )
-    group.add_argument(
-        "--local_rank", "--local-rank", default=0, type=int, help="set by the launcher; ignore"
-    )
 
 
 def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """``parser.parse_args`` plus the checks every evaluator needs before it touches data or weights."""
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    for name in ("image_size", "batch_size_per_gpu"):
-        if getattr(args, name) <= 0:
-            raise EvalSetupError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.num_workers < 0:
-        raise EvalSetupError(f"--num_workers must be >= 0, got {args.num_workers}")
+    check_ranges(args, {"image_size": AT_LEAST_ONE, "batch_size_per_gpu": AT_LEAST_ONE,
+                        "num_workers": NON_NEGATIVE})
     return args
-
-
-def require_weights(args: argparse.Namespace) -> None:
-    """The reference silently evaluated random weights when ``--pretrained_weights`` was missing."""
-    if args.random_init and args.pretrained_weights:
-        raise EvalSetupError("--random_init and --pretrained_weights exclude each other: drop one")
-    if not args.random_init and not args.pretrained_weights:
-        raise EvalSetupError(
-            "no --pretrained_weights given: pass a checkpoint or export folder, or --random_init to evaluate "
-            "randomly initialised weights on purpose"
-        )
 
 
 def require_data_path(args: argparse.Namespace) -> None:
     if not args.data_path:
-        raise EvalSetupError(
-            "--data_path is required: a root holding train/ and val/ class folders, or fashion-mnist"
-        )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# set-up
-# ----------------------------------------------------------------------------------------------------------
-def setup_distributed(args: argparse.Namespace) -> DistInfo:
-    """Join the launcher's process group (or run alone), pick this process's device, route logging by rank."""
-    dist_info = init_distributed(args.dist_url)
-    setup_logging(dist_info.rank)
-    if dist_info.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels once
-    return dist_info
+        raise ConfigError("--data_path is required: a root holding train/ and val/ class folders, or fashion-mnist")
 
 
 def labelled_splits(
@@ -155,9 +78,8 @@ def labelled_splits(
 ) -> tuple[Dataset, Dataset, int]:
     """(train, val, number of classes) from ``--data_path``; a ``DataError`` names the folders at fault."""
     require_data_path(args)
-    train, val = build_labelled_splits(
-        args.data_path, transform=transform, val_transform=val_transform, subset=subset
-    )
+    train, val = build_labelled_splits(args.data_path, transform=transform, val_transform=val_transform,
+                                       subset=subset)
     return train, val, num_classes_of(train)
 
 
@@ -183,11 +105,6 @@ def results_folder(weights: str | os.PathLike) -> Path:
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Main process only; written to a temporary name first so readers never see half a file."""
-    if not is_main_process():
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Main process only; written whole (a temporary file, then a rename) so readers never see half a file."""
+    if is_main_process():
+        atomic_write_text(path, json.dumps(payload, indent=2) + "\n")

@@ -5,7 +5,8 @@ MultiLRLinear`), ``torch.optim.SGD`` with one param group per learning rate and 
 (their state dicts go into the checkpoint, as dinov2's ``eval/linear.py`` does), the generator of the
 cached-feature order and the global RNG of the image augmentations, so that a resumed run continues exactly
 where it stopped. :func:`train_probe` runs :func:`~simpool.evaluation.linear.fit` over either feature source
-and writes, per epoch, one JSON line to ``log.txt`` and ``checkpoint.pth.tar`` (atomically).
+and writes, per epoch, one JSON line to ``log.txt`` and ``checkpoint.pth.tar`` (a
+:class:`~simpool.run.state.RunCheckpoint` in the ``LINEAR_PROBE_CHECKPOINT`` format).
 
 Example (the state a checkpoint holds)::
 
@@ -16,11 +17,9 @@ Example (the state a checkpoint holds)::
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,16 +28,19 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms
 
-from simpool.checkpoint import CheckpointError, atomic_save, safe_load
 from simpool.data import collate_skip_bad
-from simpool.distributed import DistInfo, barrier, is_main_process
-from simpool.evaluation.common import EvalSetupError
+from simpool.distributed import DistInfo, is_main_process
 from simpool.evaluation.features import IMAGENET_MEAN, IMAGENET_STD, extract_features, feature_fn
 from simpool.evaluation.linear import Batches, Embedded, MultiLRLinear, feature_batches, fit, probe_optimizer
+from simpool.run.config import ConfigError
+from simpool.run.log import append_json_line
+from simpool.run.schedules import scaled_lr
+from simpool.run.state import CheckpointFormat, RunCheckpoint
 
 CHECKPOINT_FILE = "checkpoint.pth.tar"
 LOG_FILE = "log.txt"
-PROBE_FORMAT = "simpool-linear-probe-2"  # 2: torch.optim / scheduler state (1 held hand-made momentum)
+# 2: torch.optim / scheduler state (1 held hand-made momentum)
+LINEAR_PROBE_CHECKPOINT = CheckpointFormat("format", "simpool-linear-probe-2", "a linear-probe checkpoint")
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ def probe_features(model: nn.Module, n_last_blocks: int, avgpool_patchtokens: bo
     official_vit = getattr(model, "mode", None) == "official" and hasattr(model, "last_block_outputs")
     blocks = n_last_blocks if official_vit else 1  # SimPool and convnet models use their pooled feature
     if official_vit and blocks > len(model.blocks):
-        raise EvalSetupError(f"--n_last_blocks {blocks} exceeds the model's {len(model.blocks)} blocks")
+        raise ConfigError(f"--n_last_blocks {blocks} exceeds the model's {len(model.blocks)} blocks")
     features = feature_fn(model, blocks, avgpool_patchtokens)  # raises for avgpool on non-official models
     return features, model.embed_dim * (blocks + int(avgpool_patchtokens))
 
@@ -67,7 +69,7 @@ def resolve_num_labels(requested: int | None, num_classes: int) -> int:
     if requested is None:
         return num_classes
     if requested < num_classes:
-        raise EvalSetupError(
+        raise ConfigError(
             f"--num_labels {requested} is below the {num_classes} classes of the data: raise it "
             "or leave it out (it defaults to the number of classes)"
         )
@@ -75,8 +77,8 @@ def resolve_num_labels(requested: int | None, num_classes: int) -> int:
 
 
 def scaled_lrs(lrs: Sequence[float], global_batch: int) -> list[float]:
-    """The reference's linear scaling rule: ``lr * global_batch / 256``."""
-    return [lr * global_batch / 256.0 for lr in lrs]
+    """The reference's linear scaling rule for every head: ``lr * global_batch / 256``."""
+    return [scaled_lr(lr, global_batch) for lr in lrs]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,51 +168,6 @@ class ProbeState:
         self.epoch, self.best_top1, self.last = int(saved["epoch"]), list(saved["best_top1"]), saved["last"]
 
 
-def read_probe_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The saved probe in ``path``, or None when there is none yet."""
-    if not path.is_file():
-        return None
-    saved = safe_load(path)
-    if not isinstance(saved, dict) or saved.get("format") != PROBE_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a linear-probe checkpoint of this version of the tool: use another --output_dir"
-        )
-    return saved
-
-
-def check_same_probe(saved: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
-    """Refuse to resume a probe trained with other settings (it would mix two runs)."""
-    differences = [f"{name} {saved.get(name)} (now {now})" for name, now in identity.items()
-                   if saved.get(name) != now]
-    if differences:
-        raise CheckpointError(
-            f"{path} belongs to a different probe: {'; '.join(differences)}. "
-            "Use another --output_dir, or the same flags to resume it"
-        )
-
-
-def probe_source(source: dict[str, Any]) -> dict[str, Any]:
-    """``ModelSource.as_dict()`` with the weights path made absolute (the identity of the probed features)."""
-    weights = source.get("weights")
-    return {**source, "weights": str(Path(weights).resolve()) if weights else None}
-
-
-def check_same_weights(saved: dict[str, Any], source: dict[str, Any], path: Path) -> None:
-    """Refuse to resume heads trained on the features of other weights (another file, --checkpoint_key,
-    arch/mode/gamma or training epoch of the same file): they would silently mix two feature spaces."""
-    before = saved.get("source")
-    if not isinstance(before, dict):
-        return  # written before the source was recorded
-    before, now = probe_source(before), probe_source(source)
-    differences = [f"{name} {before.get(name)} (now {now.get(name)})" for name in
-                   ("weights", "checkpoint_key", "arch", "mode", "gamma", "epoch") if before.get(name) != now.get(name)]
-    if differences:
-        raise CheckpointError(
-            f"{path} holds heads trained on other features: {'; '.join(differences)}. Use another --output_dir "
-            "for these weights, or the same --pretrained_weights/--checkpoint_key to resume"
-        )
-
-
 # ----------------------------------------------------------------------------------------------------------
 # training and reporting
 # ----------------------------------------------------------------------------------------------------------
@@ -222,13 +179,13 @@ def train_probe(
     val_freq: int,
     lrs: Sequence[float],
     num_val: int,
-    output_dir: Path,
+    checkpoint: RunCheckpoint,
     checkpoint_meta: dict[str, Any],
     log_extra: dict[str, Any] | None = None,
 ) -> None:
     """Epochs ``state.epoch .. epochs-1`` of :func:`fit` (``trained``: the heads or their DDP wrapper);
-    after each, one log line (the reference's keys) and the checkpoint. ``lrs`` label the heads in the log,
-    ``num_val`` (the val images) the printed results."""
+    after each, the checkpoint and one line of ``log.txt`` beside it (the reference's keys). ``lrs`` label the
+    heads in the log, ``num_val`` (the val images) the printed results."""
     train, val = batches
     for epoch, losses, epoch_lrs, results in fit(trained, state.optimizer, state.scheduler, train, val,
                                                   epochs, state.epoch, val_freq):
@@ -240,12 +197,9 @@ def train_probe(
             stats.update(result_fields(lrs, results))
             log_results(f"epoch {epoch}", lrs, results, num_val)
         state.epoch = epoch + 1
+        checkpoint.write({**checkpoint_meta, **state.state_dict()})
         if is_main_process():
-            atomic_save({"format": PROBE_FORMAT, **checkpoint_meta, **state.state_dict()},
-                        output_dir / CHECKPOINT_FILE)
-            with (output_dir / LOG_FILE).open("a") as f:
-                f.write(json.dumps(stats) + "\n")
-        barrier()
+            append_json_line(checkpoint.folder / LOG_FILE, stats)
 
 
 def result_fields(lrs: Sequence[float], results: list[dict[str, float]]) -> dict[str, Any]:

@@ -28,23 +28,20 @@ from typing import Any
 
 import torch
 
-from simpool.distributed import barrier, cleanup, is_main_process
+from simpool.distributed import is_main_process
 from simpool.evaluation.common import (
-    EvalSetupError,
     add_data_flags,
-    add_distributed_flags,
-    add_model_flags,
     build_model,
     labelled_splits,
     parse_flags,
-    require_weights,
     results_folder,
-    setup_distributed,
     write_json,
 )
 from simpool.evaluation.features import eval_transform, extract_features, load_features, save_features
 from simpool.evaluation.knn import knn_on_features
-from simpool.flags import bad_input, bool_flag
+from simpool.run.config import AT_LEAST_ONE, POSITIVE, ConfigError, FlagParser, bad_input, check_ranges
+from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
+from simpool.run.process import end_process, start_process
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +49,8 @@ RESULTS_FILE = "knn.json"
 SPLIT_FILES = {"train": "train.pth", "val": "val.pth"}
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Weighted k-NN evaluation on frozen features (DINO protocol)")
+def get_args_parser() -> FlagParser:
+    parser = FlagParser("eval_knn.py", description="Weighted k-NN evaluation on frozen features (DINO protocol)")
     add_model_flags(parser)
     add_data_flags(parser, batch_size=128)
     group = parser.add_argument_group("k-NN")
@@ -89,15 +86,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_knn_flags(args: argparse.Namespace) -> None:
-    if any(k < 1 for k in args.nb_knn):
-        raise EvalSetupError(f"--nb_knn values must be positive, got {args.nb_knn}")
-    if not args.temperature > 0:
-        raise EvalSetupError(f"--temperature must be > 0, got {args.temperature}")
+    check_ranges(args, {"nb_knn": AT_LEAST_ONE, "temperature": POSITIVE})
     if args.load_features:
         folder = Path(args.load_features)
         missing = [str(folder / name) for name in SPLIT_FILES.values() if not (folder / name).is_file()]
         if missing:
-            raise EvalSetupError(
+            raise ConfigError(
                 f"--load_features: {', '.join(missing)} not found (write them with --dump_features)"
             )
     else:
@@ -171,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         check_knn_flags(args)
     except ValueError as err:
         return bad_input(err)
-    dist_info = setup_distributed(args)
+    dist_info = start_process(args.dist_url)
     if args.load_features:
         splits, info = read_dumped_features(args.load_features), {"features": args.load_features}
     else:
@@ -180,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             train, val, num_classes = labelled_splits(args, eval_transform(args.image_size))
             model, source = build_model(args, dist_info.device)
         except ValueError as err:
-            cleanup()
+            end_process()
             return bad_input(err)
         log.info(
             f"evaluating {source.arch} ({source.mode} mode, gamma {source.gamma}) from "
@@ -196,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             dump_features(args.dump_features, splits)
     if is_main_process():  # every rank holds all the features: one search is enough
         report(args, splits, run_knn(args, splits, dist_info.device), info)
-    barrier()
-    cleanup()
+    end_process()
     return 0
 
 

@@ -37,49 +37,38 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from torch.nn.parallel import DistributedDataParallel
 
-from simpool.distributed import barrier, cleanup, is_main_process
-from simpool.evaluation.common import (
-    EvalSetupError,
-    add_data_flags,
-    add_distributed_flags,
-    add_model_flags,
-    build_model,
-    labelled_splits,
-    parse_flags,
-    require_weights,
-    setup_distributed,
-)
+from simpool.evaluation.common import add_data_flags, build_model, labelled_splits, parse_flags
 from simpool.evaluation.features import eval_transform
 from simpool.evaluation.linear import evaluate
 from simpool.evaluation.linear_probe import (
     CHECKPOINT_FILE,
+    LINEAR_PROBE_CHECKPOINT,
     LOG_FILE,
     ProbeState,
     cached_batches,
-    check_same_probe,
-    check_same_weights,
     image_batches,
     log_results,
     log_summary,
     probe_features,
-    probe_source,
-    read_probe_checkpoint,
     resolve_num_labels,
     scaled_lrs,
     train_probe,
     train_transform,
 )
-from simpool.flags import bad_input, bool_flag
+from simpool.run.config import AT_LEAST_ONE, POSITIVE, ConfigError, FlagParser, bad_input, check_ranges
+from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
+from simpool.run.process import end_process, start_process
+from simpool.run.resume_checks import check_same_run, weights_identity
+from simpool.run.state import RunCheckpoint
 
 log = logging.getLogger("simpool.evaluation.run_linear")  # not __name__: "__main__" under python -m
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Linear probe on frozen features (DINO protocol)")
+def get_args_parser() -> FlagParser:
+    parser = FlagParser("eval_linear.py", description="Linear probe on frozen features (DINO protocol)")
     add_model_flags(parser)
     add_data_flags(parser, batch_size=128)
     group = parser.add_argument_group("features")
@@ -137,14 +126,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_linear_flags(args: argparse.Namespace) -> None:
     require_weights(args)
-    for name in ("epochs", "val_freq", "n_last_blocks"):
-        if getattr(args, name) < 1:
-            raise EvalSetupError(f"--{name} must be >= 1, got {getattr(args, name)}")
     args.lrs = list(args.lrs or [args.lr])
-    if any(not lr > 0 for lr in args.lrs) or len(set(args.lrs)) != len(args.lrs):
-        raise EvalSetupError(f"learning rates must be positive and distinct, got {args.lrs}")
-    if args.num_labels is not None and args.num_labels < 1:
-        raise EvalSetupError(f"--num_labels must be >= 1, got {args.num_labels}")
+    check_ranges(args, {"epochs": AT_LEAST_ONE, "val_freq": AT_LEAST_ONE, "n_last_blocks": AT_LEAST_ONE,
+                        "num_labels": AT_LEAST_ONE, "lrs": POSITIVE})
+    if len(set(args.lrs)) != len(args.lrs):
+        raise ConfigError(f"learning rates must be distinct, got {args.lrs}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         check_linear_flags(args)
     except ValueError as err:
         return bad_input(err)
-    dist_info = setup_distributed(args)
-    device, output_dir = dist_info.device, Path(args.output_dir)
-    checkpoint = output_dir / CHECKPOINT_FILE
+    dist_info = start_process(args.dist_url)
+    device = dist_info.device
+    checkpoint = RunCheckpoint(args.output_dir, LINEAR_PROBE_CHECKPOINT, name=CHECKPOINT_FILE)
     try:
         # Data first (a DataError names the folders), then the model (a CheckpointError lists the misfit keys).
         val_tf = eval_transform(args.image_size)
@@ -167,31 +153,30 @@ def main(argv: list[str] | None = None) -> int:
         num_labels = resolve_num_labels(args.num_labels, num_classes)
         model, source = build_model(args, device)
         features, dim = probe_features(model, args.n_last_blocks, args.avgpool_patchtokens)
-        saved = read_probe_checkpoint(checkpoint)
+        _, saved = checkpoint.read()
         if args.evaluate:
             if saved is None:
-                raise EvalSetupError(f"--evaluate: {checkpoint} not found; train the probe first (same --output_dir)")
+                raise ConfigError(f"--evaluate: {checkpoint.path} not found; train the probe first (same "
+                                  "--output_dir)")
             args.lrs, args.cached_features, args.epochs = saved["lrs"], saved["cached_features"], saved["epochs"]
         identity = {"lrs": list(args.lrs), "cached_features": bool(args.cached_features), "epochs": args.epochs,
                     "feature_dim": dim, "num_labels": num_labels}
         if saved is not None:
-            check_same_probe(saved, identity, checkpoint)
-            check_same_weights(saved, source.as_dict(), checkpoint)
+            check_same_run(saved, identity, source.as_dict(), checkpoint.path, "a probe of other features or flags")
     except ValueError as err:
-        cleanup()
+        end_process()
         return bad_input(err)
 
     log.info("linear probe on %s (%s mode, gamma %s) from %s: %d-d features, %d labels, %d train / %d val images",
              source.arch, source.mode, source.gamma, source.weights or "random initialisation", dim, num_labels,
              len(train), len(val))
-    if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.prepare_folder()
     batch, workers = args.batch_size_per_gpu, args.num_workers
     lrs = scaled_lrs(args.lrs, batch * dist_info.world_size)
     state = ProbeState.new(dim, num_labels, lrs, args.epochs, args.seed, device)
     if saved is not None:
         state.load_state_dict(saved)
-        log.info("%s %s at epoch %d", "loaded" if args.evaluate else "resumed from", checkpoint, state.epoch)
+        log.info("%s %s at epoch %d", "loaded" if args.evaluate else "resumed from", checkpoint.path, state.epoch)
 
     if args.evaluate:
         results = evaluate(state.heads, image_batches(val, features, batch, workers, dist_info))
@@ -208,12 +193,11 @@ def main(argv: list[str] | None = None) -> int:
                     trained = DistributedDataParallel(state.heads, device_ids=device_ids)
                 batches = (image_batches(train, features, batch, workers, dist_info, seed=args.seed),
                            image_batches(val, features, batch, workers, dist_info))
-            meta = {**identity, "source": probe_source(source.as_dict())}
-            train_probe(state, trained, batches, args.epochs, args.val_freq, args.lrs, len(val), output_dir, meta,
+            meta = {**identity, "source": weights_identity(source.as_dict())}
+            train_probe(state, trained, batches, args.epochs, args.val_freq, args.lrs, len(val), checkpoint, meta,
                         log_extra)
         log_summary(args.lrs, state.best_top1)
-    barrier()
-    cleanup()
+    end_process()
     return 0
 
 

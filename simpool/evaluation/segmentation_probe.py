@@ -30,20 +30,30 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from simpool.data.fashion_on_photos import voc_palette
 from simpool.data.segmentation import IGNORE_INDEX
 from simpool.distributed import all_gather_varlen, all_reduce_sum, get_rank, get_world_size
 from simpool.evaluation.linear import MultiLRLinear, feature_batches, probe_optimizer
+from simpool.run.state import CheckpointFormat
 
-__all__ = ["SegmentationHeads", "SegProbeState", "all_background_confusion", "cache_features", "confusion_matrix",
-           "evaluate_heads", "iou_from_confusion", "train_epoch"]
+__all__ = ["SEGMENTATION_PROBE_CHECKPOINT", "SegmentationHeads", "SegProbeState", "all_background_confusion",
+           "cache_features", "confusion_matrix", "evaluate_heads", "format_table", "head_results",
+           "iou_from_confusion", "save_predictions", "train_epoch"]
+
+SEGMENTATION_PROBE_CHECKPOINT = CheckpointFormat("format", "simpool-segmentation-probe-1",
+                                                 "a segmentation-probe checkpoint")
 
 
 class SegmentationHeads(nn.Module):
@@ -223,3 +233,49 @@ class SegProbeState:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.generator.set_state(saved["generator"])
         self.epoch, self.confusion, self.history = int(saved["epoch"]), saved["confusion"], list(saved["history"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------------------------------------
+def head_results(lrs: list[float], confusion: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """Per lr: mIoU, pixel accuracy and {class: IoU}; the best lr by mIoU (NaN IoUs as null in JSON)."""
+    per_lr = {}
+    for lr, matrix in zip(lrs, confusion, strict=True):
+        scores = iou_from_confusion(matrix)
+        per_lr[str(lr)] = {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
+                           "iou": {name: _finite(v) for name, v in zip(classes, scores["iou"], strict=True)}}
+    best = max(per_lr, key=lambda lr: per_lr[lr]["miou"])
+    return {"best_lr": float(best), "miou": per_lr[best]["miou"], "pixel_accuracy": per_lr[best]["pixel_accuracy"],
+            "iou": per_lr[best]["iou"], "per_lr": per_lr}
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def format_table(results: dict[str, Any], baseline: dict[str, Any]) -> str:
+    lines = [f"linear segmentation, best lr {results['best_lr']:g}: mIoU {results['miou']:.4f}  pixel accuracy "
+             f"{results['pixel_accuracy']:.4f}  (all-background: mIoU {baseline['miou']:.4f})",
+             "  lr: " + "  ".join(f"{lr} {r['miou']:.4f}" for lr, r in results["per_lr"].items())]
+    for name, iou in results["iou"].items():
+        lines.append(f"  {name:>16} IoU {'  n/a' if iou is None else f'{iou:.4f}'}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def save_predictions(path: Path, heads, head: int, dataset, feats: torch.Tensor, count: int) -> Path:
+    """One row per val image: the image, its true labels and head ``head``'s prediction, in VOC colours
+    (void white). ``feats`` are this rank's cached val features, whose first rows are the dataset's first images."""
+    heads.eval()
+    palette = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    rows = []
+    for index in range(count):
+        image, truth = dataset[index]
+        pred = heads.upsampled(feats[index:index + 1], truth.shape[-2:])[head, 0].argmax(dim=0)
+        mean, std = (torch.tensor(v)[:, None, None] for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+        rgb = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        gap = np.full((rgb.shape[0], 2, 3), 255, np.uint8)
+        rows.append(np.concatenate([rgb, gap, palette[truth.numpy()], gap, palette[pred.cpu().numpy()]], axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path

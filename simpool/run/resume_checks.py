@@ -21,7 +21,7 @@ from typing import Any
 
 from simpool.checkpoint import CheckpointError
 
-__all__ = ["changes", "refuse_changes", "weights_identity"]
+__all__ = ["changes", "check_same_run", "refuse_changes", "weights_identity"]
 
 
 def _plain(value: Any) -> Any:
@@ -60,3 +60,13 @@ def weights_identity(source: Mapping[str, Any]) -> dict[str, Any]:
     weights = source.get("weights")
     return {"weights": str(Path(weights).resolve()) if weights else None,
             **{k: source.get(k) for k in ("checkpoint_key", "arch", "mode", "gamma", "epoch")}}
+
+
+def check_same_run(saved: Mapping[str, Any], identity: Mapping[str, Any], source: Mapping[str, Any] | None,
+                   where: str | os.PathLike, what: str) -> None:
+    """Refuse to resume ``saved`` (a run's recorded state) when its ``identity`` (protocol flags, data) or, with
+    ``source`` (``ModelSource.as_dict()``), the weights it was computed from differ from this launch's."""
+    found = changes(saved, identity)
+    if source is not None and isinstance(saved.get("source"), Mapping):
+        found += changes(weights_identity(saved["source"]), weights_identity(source))
+    refuse_changes(where, what, found)

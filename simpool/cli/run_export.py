@@ -15,18 +15,18 @@ also get OUT_DIR/timm_model.safetensors, a plain timm state dict (see simpool/ex
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from simpool.attention_maps import model_stride
 from simpool.export import ONNX_FILE, export_backbone, export_onnx, onnx_max_relative_error, require_onnx
-from simpool.flags import add_backbone_flags, backbone_flags, bad_input
 from simpool.loading import CONFIG_FILE, load_backbone
+from simpool.run.config import FlagParser, bad_input
+from simpool.run.flags import add_backbone_flags, backbone_flags
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Export a simpool backbone", description=__doc__.split("\n\n")[0])
+def get_args_parser() -> FlagParser:
+    parser = FlagParser("simpool-export", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "checkpoint", help="a training checkpoint (ours, DINO's, the SimPool fork's) or a backbone-only file"
     )

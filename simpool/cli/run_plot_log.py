@@ -3,7 +3,7 @@
     python utils/plot_log.py runs/demo                        # writes runs/demo/curves.png
     python utils/plot_log.py runs/a runs/b --out compare.png  # runs overlaid, one colour each
 
-Reads what ``train_dino.py`` writes (``simpool.run_log``): ``progress.jsonl`` (one line per log step) for the
+Reads what ``train_dino.py`` writes (``simpool.run.log``): ``progress.jsonl`` (one line per log step) for the
 per-step curves, ``log.txt`` (one line per epoch) for the k-NN and, in older runs without ``progress.jsonl``,
 the per-epoch curves; ``args.yaml`` for K (``out_dim``). Panels: loss; teacher entropy with the uniform-
 collapse band (H >= 0.95 log K); KL with its band (KL <= 0.1 log K); prototypes in use with the one-prototype
@@ -14,7 +14,6 @@ lines (dashed, dotted) when the run measured them; img/s; data-wait %. The bands
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from simpool.flags import bad_input
+from simpool.run.config import FlagParser, bad_input
 
 # The defaults of simpool.dino.collapse.collapse_mode, drawn as bands.
 UNIFORM_ENTROPY, UNIFORM_KL, ONE_PROTOTYPE = 0.95, 0.1, 2.0
@@ -146,7 +145,7 @@ def _collapse_bands(ax: dict, out_dims: list[int]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("Plot DINO training curves", description=__doc__.split("\n\n")[0])
+    parser = FlagParser("plot_log.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", help="output_dir(s) of train_dino.py runs")
     parser.add_argument("--out", default=None, help="PNG to write (default: FIRST_RUN_DIR/curves.png)")
     opts = parser.parse_args(argv)

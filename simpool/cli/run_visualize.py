@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from simpool.data.images import BadSample, load_rgb_image
-from simpool.flags import add_backbone_flags, backbone_flags, bad_input
 from simpool.loading import load_model
-from simpool.logs import setup_logging
+from simpool.run.config import FlagParser, bad_input
+from simpool.run.flags import add_backbone_flags, backbone_flags
+from simpool.run.log import setup_logging
 from simpool.visualize import visualize_image, visualize_pca
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Visualise attention maps", description=__doc__.split("\n\n")[0])
+def get_args_parser() -> FlagParser:
+    parser = FlagParser("simpool-visualize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrained_weights", required=True, help="export folder or checkpoint file")
     parser.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
                         help="network of a DINO checkpoint to show (default: teacher)")
