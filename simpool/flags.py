@@ -20,11 +20,13 @@ from typing import Any
 
 import yaml
 
+from simpool.data.build import SourceOptions
 from simpool.loading import FROM_CHECKPOINT
 from simpool.models.base import AUTO_GAMMA, MODES
 
 __all__ = [
-    "AUTO_GAMMA", "add_backbone_flags", "backbone_flags", "bad_input", "bool_flag", "float_or_none", "key_value",
+    "AUTO_GAMMA", "DATA_SOURCE_FLAGS", "add_backbone_flags", "backbone_flags", "bad_input", "bool_flag",
+    "data_source_options", "float_or_none", "key_value",
 ]
 
 
@@ -85,6 +87,26 @@ def backbone_flags(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]
         "patch_size": getattr(args, f"{prefix}patch_size"),
         **overrides,
     }
+
+
+# How --data_path is read, beyond the path (simpool.data.build.SourceOptions); every tool taking --data_path adds
+# them: `for names, kwargs in DATA_SOURCE_FLAGS: group.add_argument(*names, **kwargs)`.
+DATA_SOURCE_FLAGS = [
+    (("--rescan",), {"action": "store_true", "help": "list the ImageFolder anew, even if the run's file list "
+                     "(file_list-*.json beside the run) matches its folders' times"}),
+    (("--image_column",), {"default": None, "type": str, "help": "Hugging Face dataset: the image column "
+                           "(default: its one Image column)"}),
+    (("--label_column",), {"default": None, "type": str, "help": "Hugging Face dataset: the label column "
+                           "(default: its ClassLabel column, else 'label')"}),
+]
+
+
+def data_source_options(args: argparse.Namespace, listing_dir: str | None = None, log=None) -> SourceOptions:
+    """``SourceOptions`` from the DATA_SOURCE_FLAGS (absent flags: defaults); ``listing_dir``: where an
+    ImageFolder's file list is kept (the run's output folder; None: each process walks the folder)."""
+    return SourceOptions(listing_dir=listing_dir, rescan=bool(getattr(args, "rescan", False)),
+                         image_column=getattr(args, "image_column", None),
+                         label_column=getattr(args, "label_column", None), log=log)
 
 
 def bad_input(err: Exception, code: int = 2) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from simpool.dino.attention_log import validate as validate_attention_flags
-from simpool.flags import AUTO_GAMMA, bool_flag, float_or_none, key_value
+from simpool.flags import AUTO_GAMMA, DATA_SOURCE_FLAGS, bool_flag, float_or_none, key_value
 from simpool.models import ARCHS, arch_family, is_known_arch
 
 
@@ -153,9 +153,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
         g, "--data_path",
         default=None,
         type=str,
-        help="dataset root holding train/ (and val/), an ImageFolder, a .txt file list, or fashion-mnist",
+        help="dataset root holding train/ (and val/), an ImageFolder, a .txt file list, fashion-mnist, a shard "
+        "index.json (simpool-pack), shards-{000000..000009}.tar, or a Hugging Face dataset (parquet/save_to_disk)",
     )
     add(g, "--subset", default=-1, type=int, help="keep the first N images per class (-1: all)")
+    for names, kwargs in DATA_SOURCE_FLAGS:  # --rescan, --image_column, --label_column
+        add(g, *names, **kwargs)
     add(g, "--output_dir", default=".", type=str, help="checkpoints, log.txt and args.yaml go here")
     add(g, "--saveckp_freq", default=20, type=int, help="keep checkpointNNNN.pth every N epochs (0: never)")
     add(g, "--save_every_steps", default=0, type=int, help="also save checkpoint.pth every N iterations")

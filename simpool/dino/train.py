@@ -56,7 +56,7 @@ from simpool.dino.step import StepSchedule, unwrap
 from simpool.distributed import all_reduce_sum, any_and_all, barrier, cleanup, control_group, init_distributed
 from simpool.evaluation.features import eval_transform, evenly_spaced_subset, extract_features
 from simpool.evaluation.knn import knn_on_features
-from simpool.flags import bad_input
+from simpool.flags import bad_input, data_source_options
 from simpool.logs import setup_logging
 from simpool.run_log import RunLogger, Throughput, format_seconds, peak_memory_gib
 
@@ -583,7 +583,8 @@ class Trainer:
         if not hasattr(self, "_knn_splits"):
             transform = eval_transform(self.args.global_crops_size)
             try:
-                train, val = build_labelled_splits(self.args.data_path, transform=transform)
+                train, val = build_labelled_splits(self.args.data_path, transform=transform,
+                                                   options=data_source_options(self.args, self.args.output_dir))
                 limit = self.args.knn_max_images
                 self._knn_splits = evenly_spaced_subset(train, limit), evenly_spaced_subset(val, limit)
             except DataError as err:

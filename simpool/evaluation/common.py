@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from simpool.data import build_labelled_splits
 from simpool.distributed import DistInfo, init_distributed, is_main_process
 from simpool.evaluation.features import num_classes_of
-from simpool.flags import add_backbone_flags, backbone_flags
+from simpool.flags import DATA_SOURCE_FLAGS, add_backbone_flags, backbone_flags, data_source_options
 from simpool.loading import ModelSource, load_model
 from simpool.logs import setup_logging
 from simpool.models import PooledBackbone
@@ -84,8 +84,11 @@ def add_data_flags(parser: argparse.ArgumentParser, batch_size: int = 128) -> No
         "--data_path",
         default=None,
         type=str,
-        help="root holding train/ and val/ class folders (ImageFolder), or fashion-mnist",
+        help="root holding train/ and val/ class folders (ImageFolder), fashion-mnist, a shard index.json "
+        "(simpool-pack) or a Hugging Face dataset (parquet / save_to_disk)",
     )
+    for names, kwargs in DATA_SOURCE_FLAGS:  # --rescan, --image_column, --label_column
+        group.add_argument(*names, **kwargs)
     group.add_argument(
         "--image_size",
         default=224,
@@ -156,7 +159,8 @@ def labelled_splits(
     """(train, val, number of classes) from ``--data_path``; a ``DataError`` names the folders at fault."""
     require_data_path(args)
     train, val = build_labelled_splits(
-        args.data_path, transform=transform, val_transform=val_transform, subset=subset
+        args.data_path, transform=transform, val_transform=val_transform, subset=subset,
+        options=data_source_options(args, listing_dir=getattr(args, "output_dir", None)),
     )
     return train, val, num_classes_of(train)
 

@@ -22,7 +22,7 @@ from timm.optim import list_optimizers
 
 from simpool.dino.config import ConfigError, parse_over_config
 from simpool.evaluation.common import add_distributed_flags, add_model_flags, require_weights
-from simpool.flags import bool_flag
+from simpool.flags import DATA_SOURCE_FLAGS, bool_flag
 
 __all__ = ["FinetuneSetupError", "build_parser", "parse_finetune_args"]
 
@@ -39,7 +39,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]
 
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None, type=str,
-                   help="root with train/ and val/ class folders, or fashion-mnist")
+                   help="root with train/ and val/ class folders, fashion-mnist, a shard index.json "
+                   "(simpool-pack) or a Hugging Face dataset (parquet / save_to_disk)")
+    for names, kwargs in DATA_SOURCE_FLAGS:  # --rescan, --image_column, --label_column
+        g.add_argument(*names, **kwargs)
     g.add_argument("--input_size", default=224, type=int, help="training and evaluation crop side")
     g.add_argument("--crop_pct", default=0.875, type=float, help="evaluation: resize to input_size / crop_pct, crop")
     g.add_argument("--batch_size_per_gpu", default=64, type=int, help="images per process")

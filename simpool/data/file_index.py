@@ -1,0 +1,140 @@
+"""An ImageFolder listed once per run: rank 0 walks the tree and writes the list beside the run, every other
+rank (and every relaunch) reads it instead of walking the tree itself.
+
+On a cluster file system a walk of ImageNet (1.28M files in 1,000 folders) is a metadata storm, and each rank
+of each node doing it at start-up multiplies it. The list file (JSON, ``"format": "simpool-file-list"``,
+version 1) holds the classes, each image's path relative to the folder and its label, in the order
+torchvision's ``ImageFolder`` gives them, and the modification time of every folder walked.
+
+Is the list still right? A file added to, removed from or renamed in a folder changes that folder's mtime, so
+rank 0 compares the recorded mtimes of the (few) folders with theirs, not the (many) files: one ``stat`` per
+folder. ``rescan=True`` (``--rescan``) walks anew regardless. (A file system whose mtimes are coarser than
+the time between a listing and a change, e.g. 1 s on ext3, can miss a change made in that second: rescan then.)
+
+Rank 0 decides and writes; the others wait in a collective (``simpool.distributed.any_and_all``) that also
+carries rank 0's failure, so a bad folder stops every rank with rank 0's message instead of a hang.
+
+Example (what the trainer does, with ``listing_dir=args.output_dir``)::
+
+    >>> dataset = listed_image_folder("/imagenet/train", "runs/vits", transform=augment)
+    >>> # rank 0 wrote runs/vits/file_list-train-1a2b3c4d.json; every rank built the same samples from it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from simpool.data.images import ImageFolderDataset
+from simpool.data.paths import DataError, check_image_folder, class_folder_names, is_image_file
+from simpool.distributed import any_and_all, is_main_process
+
+LIST_FORMAT = "simpool-file-list"
+LIST_VERSION = 1
+
+
+def list_path(folder: str | os.PathLike, listing_dir: str | os.PathLike) -> Path:
+    """Where the list of ``folder`` lives in ``listing_dir`` (the folder's absolute path picks the name)."""
+    folder = os.path.abspath(folder)
+    digest = hashlib.sha1(folder.encode()).hexdigest()[:8]
+    return Path(listing_dir) / f"file_list-{os.path.basename(folder) or 'root'}-{digest}.json"
+
+
+def scan_image_folder(folder: str | os.PathLike) -> dict:
+    """Walk ``folder`` as torchvision's ``ImageFolder`` does (sorted classes, ``sorted(os.walk(...))``, sorted
+    file names, image extensions only) and return the list payload: classes, files, folder mtimes.
+
+    Hand-written rather than torchvision's ``make_dataset`` because that walk does not give the folders' mtimes;
+    the tests check both give the same samples.
+    """
+    root = str(check_image_folder(folder))
+    classes = class_folder_names(Path(root))
+    files, dirs = [], {".": os.stat(root).st_mtime_ns}
+    for label, name in enumerate(classes):
+        for walked, _, file_names in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            relative_dir = os.path.relpath(walked, root)
+            dirs[relative_dir] = os.stat(walked).st_mtime_ns
+            files.extend((os.path.join(relative_dir, f), label) for f in sorted(file_names) if is_image_file(f))
+    empty = sorted(set(classes) - {classes[label] for _, label in files})
+    if empty:
+        raise DataError(f"cannot use {root} as an ImageFolder: the class folders {', '.join(empty[:10])} hold "
+                        "no image: remove them or add images")
+    return {"format": LIST_FORMAT, "version": LIST_VERSION, "folder": root, "classes": classes, "dirs": dirs,
+            "files": files}
+
+
+def read_list(path: Path, folder: str) -> dict | None:
+    """The list at ``path`` if it is one of ours, for ``folder``; None otherwise (then it is rebuilt)."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if (not isinstance(payload, dict) or payload.get("format") != LIST_FORMAT
+            or payload.get("version") != LIST_VERSION or payload.get("folder") != folder):
+        return None
+    return payload
+
+
+def changed_folders(payload: dict) -> list[str]:
+    """Folders (relative) whose mtime differs from the list's record, or that are gone: one stat each."""
+    changed = []
+    for relative, mtime_ns in payload["dirs"].items():
+        try:
+            if os.stat(os.path.join(payload["folder"], relative)).st_mtime_ns != mtime_ns:
+                changed.append(relative)
+        except OSError:
+            changed.append(relative)
+    return changed
+
+
+def _refresh_list(folder: str, path: Path, rescan: bool) -> str:
+    """Rank 0: keep the list at ``path`` if still right, else walk and write it; say which in a short phrase."""
+    payload = None if rescan else read_list(path, folder)
+    if payload is not None:
+        changed = changed_folders(payload)
+        if not changed:
+            return f"read the file list {path}"
+        reason = f"{len(changed)} folder(s) changed since it was written, e.g. {changed[0]}"
+    else:
+        reason = "--rescan" if rescan else "no list yet"
+    payload = scan_image_folder(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+    return f"listed {folder} into {path} ({reason})"
+
+
+def listed_image_folder(folder: str | os.PathLike, listing_dir: str | os.PathLike, rescan: bool = False,
+                        transform: Callable | None = None, subset: int | None = None,
+                        log: Callable[[str], None] | None = None) -> ImageFolderDataset:
+    """An :class:`ImageFolderDataset` of ``folder`` whose samples come from the list in ``listing_dir``.
+
+    Collective when a process group is up: every rank must call it. Rank 0 checks the list (one stat per
+    folder), rewrites it when the tree changed or ``rescan``; then every rank reads it. The result equals
+    ``ImageFolderDataset(folder, transform, subset=subset)``: same class, samples, order and fingerprint.
+    """
+    folder = str(check_image_folder(folder))
+    path = list_path(folder, listing_dir)
+    failure, message = None, None
+    if is_main_process():
+        try:
+            message = _refresh_list(folder, path, rescan)
+        except (DataError, OSError) as error:
+            failure = error
+    failed_anywhere, _ = any_and_all([failure is not None])  # the others wait here for rank 0's list
+    if failure is not None:
+        raise failure if isinstance(failure, DataError) else DataError(f"cannot list {folder}: {failure}")
+    if failed_anywhere[0]:
+        raise DataError(f"rank 0 could not list {folder} (its error is in its log): fix --data_path")
+    payload = read_list(path, folder)
+    if payload is None:
+        raise DataError(f"cannot read the file list {path} that rank 0 wrote: is {Path(listing_dir)} shared by "
+                        "every node? Put --output_dir on a shared file system")
+    if message and log is not None:
+        log(message)
+    files = [(relative, int(label)) for relative, label in payload["files"]]
+    return ImageFolderDataset(folder, transform=transform, subset=subset, listing=(payload["classes"], files))
