@@ -41,7 +41,7 @@ from tqdm import tqdm
 from simpool.data.build import _check_same_classes, _fashion_mnist_root, _is_file_list
 from simpool.data.fashion_mnist import load_fashion_mnist_arrays
 from simpool.data.images import ImageFolderDataset, read_file_list
-from simpool.data.paths import DataError, resolve_split
+from simpool.data.paths import DataError, class_folder_names, resolve_split
 from simpool.data.shard_index import (
     ShardFile,
     ShardIndex,
@@ -146,8 +146,7 @@ def open_source(src: str, unreadable: list[str]) -> Source:
         val_dir = resolve_split(src, "val")
         _check_same_classes(train_dir, val_dir)
         splits["val"] = _folder_split(val_dir, unreadable)
-    classes = ImageFolderDataset.find_classes(None, str(train_dir))[0]
-    return Source("ImageFolderDataset", classes, splits)
+    return Source("ImageFolderDataset", class_folder_names(train_dir), splits)
 
 
 # ---------------------------------------------------------------------------------------------------------
