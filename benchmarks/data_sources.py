@@ -202,6 +202,7 @@ def main() -> None:
     runs = {"folder": [], "first": [], "again": [], "shards": []}
     for _ in range(args.repeats):  # interleaved, so that a burst of load on the machine hits every variant
         shutil.rmtree(listing_dir, ignore_errors=True)
+        listing_dir.mkdir(parents=True)  # a relaunch's run folder (a fresh one gets the list through the group)
         seconds, size = startup_seconds(str(train_dir), None)
         runs["folder"].append(seconds)
         runs["first"].append(startup_seconds(str(train_dir), str(listing_dir))[0])

@@ -64,6 +64,9 @@ def test_the_scan_gives_torchvisions_samples_in_its_order(tmp_path):
 def test_a_listed_folder_equals_the_walked_one_and_is_reused_until_a_folder_changes(tmp_path, monkeypatch):
     root, run = make_tree(tmp_path / "tree"), tmp_path / "run"
     said = []
+    listed = listed_image_folder(root, run, log=said.append)  # a run folder not made yet is not made for the list
+    assert not run.exists() and said[-1] == f"listed {root} (not kept: {run} does not exist yet; a relaunch keeps it)"
+    run.mkdir()
     listed = listed_image_folder(root, run, log=said.append)
     walked = ImageFolderDataset(root)
     assert type(listed) is ImageFolderDataset and listed.samples == walked.samples
@@ -89,6 +92,7 @@ def test_the_list_is_kept_per_folder_and_build_functions_use_it(tmp_path):
     make_tree(root / "train")
     make_tree(root / "val")
     run = tmp_path / "run"
+    run.mkdir()
     options = SourceOptions(listing_dir=run)
     train, val = build_labelled_splits(root, options=options)
     assert train.samples == ImageFolderDataset(root / "train").samples
@@ -123,13 +127,15 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, port: int, root: str, run: str, results) -> None:
-    """List twice: the good tree, then (after rank 0 adds an empty class folder) a bad one."""
+    """List three times: without a run folder, with one, then (after rank 0 adds an empty class) a bad tree."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         if rank == 1:
             forbid_walking(lambda owner, name, value: setattr(owner, name, value))  # this child process only
-        for attempt in range(2):
+        for attempt in range(3):
             if attempt == 1 and rank == 0:
+                os.mkdir(run)  # 0: no run folder yet, the list travels in the process group; 1: through the file
+            if attempt == 2 and rank == 0:
                 os.mkdir(os.path.join(root, "empty"))  # rank 0 fails; rank 1 must not hang, nor read the old list
             dist.barrier()
             try:
@@ -152,9 +158,10 @@ def test_two_ranks_rank_0_walks_rank_1_reads_and_a_bad_folder_stops_both(tmp_pat
     for p in processes:
         p.join(120)
     outcome = {(attempt, rank): (kind, value) for attempt, rank, kind, value in
-               (results.get(timeout=5) for _ in range(4))}
+               (results.get(timeout=5) for _ in range(6))}
     listed = [str(root / relative) for relative in ("a/0.JPG", "a/1.png", "a/sub/z.png", "a/sub/deeper/y.jpeg",
                                                     "b/b.png", "b/x.png", "c.d/q.png")]
-    assert outcome[0, 0] == outcome[0, 1] == ("ok", listed)
-    assert outcome[1, 0][0] == "DataError" and "hold no image" in outcome[1, 0][1]
-    assert outcome[1, 1] == ("DataError", f"rank 0 could not list {root} (its error is in its log): fix --data_path")
+    assert outcome[0, 0] == outcome[0, 1] == outcome[1, 0] == outcome[1, 1] == ("ok", listed)
+    assert list_path(root, run).is_file()  # written at the second attempt, when the run folder existed
+    assert outcome[2, 0][0] == "DataError" and "hold no image" in outcome[2, 0][1]
+    assert outcome[2, 1] == ("DataError", f"rank 0 could not list {root} (its error is in its log): fix --data_path")

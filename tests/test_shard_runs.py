@@ -202,21 +202,17 @@ def test_knn_linear_probe_and_fine_tuning_from_the_shards_give_the_folders_numbe
 # ---------------------------------------------------------------------------------------------------------
 # a folder listed once per run
 # ---------------------------------------------------------------------------------------------------------
-def test_a_folder_run_lists_its_folder_once_and_the_relaunch_reads_the_list(small, tmp_path, caplog):
+def test_a_folder_run_lists_its_folder_once_and_the_relaunch_reads_the_list(small, tmp_path, capsys):
     folder, _ = small
     out = tmp_path / "run"
-    flags = [*TINY, "--data_path", str(folder), "--subset", "2", "--epochs", "1", "--output_dir", str(out)]
-    with caplog.at_level("INFO", logger="simpool"):
-        assert train_main([*flags, "--epochs", "1"]) == 0
-    assert any("listed" in r.getMessage() and "(no list yet)" in r.getMessage() for r in caplog.records)
-    # the loader's train/ and the final k-NN's val/, each listed once
+    flags = [*TINY, "--data_path", str(folder), "--subset", "2", "--output_dir", str(out)]
+    assert train_main([*flags, "--epochs", "1"]) == 0
+    # a fresh run folder is not created before the run has checked its input: the list is kept from the k-NN on
+    assert f"{out} does not exist yet; a relaunch keeps it" in capsys.readouterr().out
+    # train/ and val/ of the final k-NN (the run folder exists by then), each listed once
     assert sorted(p.name.split("-")[1] for p in out.glob("file_list-*.json")) == ["train", "val"]
-    caplog.clear()
-    with caplog.at_level("INFO", logger="simpool"):
-        assert train_main([*flags, "--epochs", "2"]) == 0
-    assert any(r.getMessage().startswith("read the file list") for r in caplog.records)
-    caplog.clear()
-    with caplog.at_level("INFO", logger="simpool"):
-        assert train_main([*flags, "--epochs", "3", "--rescan"]) == 0
-    assert any("(--rescan)" in r.getMessage() for r in caplog.records)
+    assert train_main([*flags, "--epochs", "2"]) == 0
+    assert f"read the file list {out}/file_list-train-" in capsys.readouterr().out
+    assert train_main([*flags, "--epochs", "3", "--rescan"]) == 0
+    assert "(--rescan)" in capsys.readouterr().out
     assert state_of(out / "checkpoint.pth")["epoch"] == 3

@@ -12,8 +12,10 @@ rank 0 compares the recorded mtimes of the (few) folders with theirs, not the (m
 folder. ``rescan=True`` (``--rescan``) walks anew regardless. (A file system whose mtimes are coarser than
 the time between a listing and a change, e.g. 1 s on ext3, can miss a change made in that second: rescan then.)
 
-Rank 0 decides and writes; the others wait in a collective (``simpool.distributed.any_and_all``) that also
-carries rank 0's failure, so a bad folder stops every rank with rank 0's message instead of a hang.
+Rank 0 decides and writes; the others wait in a collective (a broadcast over the CPU control group) that also
+carries rank 0's failure, so a bad folder stops every rank with rank 0's message instead of a hang. A run folder
+that does not exist yet is not created for the list (nothing is written before a run has checked all its
+input): rank 0 then sends the list itself to the others, and the next launch keeps it.
 
 Example (what the trainer does, with ``listing_dir=args.output_dir``)::
 
@@ -29,9 +31,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import torch.distributed as dist
+
 from simpool.data.images import ImageFolderDataset
 from simpool.data.paths import DataError, check_image_folder, class_folder_names, is_image_file
-from simpool.distributed import any_and_all, is_main_process
+from simpool.distributed import control_group, is_distributed, is_main_process
 
 LIST_FORMAT = "simpool-file-list"
 LIST_VERSION = 1
@@ -93,22 +97,37 @@ def changed_folders(payload: dict) -> list[str]:
     return changed
 
 
-def _refresh_list(folder: str, path: Path, rescan: bool) -> tuple[str, dict]:
-    """Rank 0: keep the list at ``path`` if still right, else walk and write it; (what it did, the list)."""
+def _refresh_list(folder: str, path: Path, rescan: bool) -> tuple[str, dict, bool]:
+    """Rank 0: keep the list at ``path`` if still right, else walk (and write it if its folder exists).
+
+    Returns (what it did, the list, whether the others can read it from ``path``). A run folder that does not
+    exist yet is not created here: a run checks all its input before it writes anything (the list is then
+    passed to the other ranks through the process group, and a relaunch keeps it).
+    """
     payload = None if rescan else read_list(path, folder)
     if payload is not None:
         changed = changed_folders(payload)
         if not changed:
-            return f"read the file list {path}", payload
+            return f"read the file list {path}", payload, True
         reason = f"{len(changed)} folder(s) changed since it was written, e.g. {changed[0]}"
     else:
         reason = "--rescan" if rescan else "no list yet"
     payload = scan_image_folder(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        return f"listed {folder} (not kept: {path.parent} does not exist yet; a relaunch keeps it)", payload, False
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload))
     os.replace(tmp, path)
-    return f"listed {folder} into {path} ({reason})", payload
+    return f"listed {folder} into {path} ({reason})", payload, True
+
+
+def _from_rank_0(value):
+    """``value`` of rank 0 on every rank (a collective over the CPU control group; no-op without a group)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=control_group())
+    return box[0]
 
 
 def listed_image_folder(folder: str | os.PathLike, listing_dir: str | os.PathLike, rescan: bool = False,
@@ -117,24 +136,27 @@ def listed_image_folder(folder: str | os.PathLike, listing_dir: str | os.PathLik
     """An :class:`ImageFolderDataset` of ``folder`` whose samples come from the list in ``listing_dir``.
 
     Collective when a process group is up: every rank must call it. Rank 0 checks the list (one stat per
-    folder), rewrites it when the tree changed or ``rescan``; then every rank reads it. The result equals
+    folder), rewrites it when the tree changed or ``rescan``; then every rank reads it (or, in a run folder
+    not yet created, gets it from rank 0 through the process group). The result equals
     ``ImageFolderDataset(folder, transform, subset=subset)``: same class, samples, order and fingerprint.
     """
     folder = str(check_image_folder(folder))
     path = list_path(folder, listing_dir)
-    failure, message, payload = None, None, None
+    failure, message, payload, readable = None, None, None, False
     if is_main_process():
         try:
-            message, payload = _refresh_list(folder, path, rescan)
+            message, payload, readable = _refresh_list(folder, path, rescan)
         except (DataError, OSError) as error:
             failure = error
-    failed_anywhere, _ = any_and_all([failure is not None])  # the others wait here for rank 0's list
+    # the others wait here for rank 0: its failure, or where the list is (the file, or this message itself)
+    status = _from_rank_0(("failed", None) if failure is not None else ("file", None) if readable
+                          else ("sent", payload))
     if failure is not None:
         raise failure if isinstance(failure, DataError) else DataError(f"cannot list {folder}: {failure}")
-    if failed_anywhere[0]:
+    if status[0] == "failed":
         raise DataError(f"rank 0 could not list {folder} (its error is in its log): fix --data_path")
-    if payload is None:  # the other ranks read what rank 0 wrote
-        payload = read_list(path, folder)
+    if payload is None:
+        payload = status[1] if status[0] == "sent" else read_list(path, folder)
     if payload is None:
         raise DataError(f"cannot read the file list {path} that rank 0 wrote: is {Path(listing_dir)} shared by "
                         "every node? Put --output_dir on a shared file system")
