@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from simpool.data.build import _check_same_classes, _fashion_mnist_root, _is_file_list
-from simpool.data.fashion_mnist import load_fashion_mnist_arrays
+from simpool.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
 from simpool.data.images import ImageFolderDataset, read_file_list
 from simpool.data.paths import DataError, class_folder_names, resolve_split
 from simpool.data.shard_index import (
@@ -126,8 +126,6 @@ def open_source(src: str, unreadable: list[str]) -> Source:
     """The splits ``src`` holds, as ``build_dataset`` / ``build_labelled_splits`` would read them."""
     is_fashion, fashion_root = _fashion_mnist_root(src)
     if is_fashion:
-        from simpool.data.fashion_mnist import FASHION_MNIST_CLASSES
-
         splits = {}
         for name, part in (("train", "train"), ("val", "test")):
             images, labels = load_fashion_mnist_arrays(fashion_root, part)
@@ -244,7 +242,7 @@ def _write_state(out: Path, state: dict) -> None:
     os.replace(tmp, out / STATE_NAME)
 
 
-def _verified_shards(out: Path, split_name: str, split: SourceSplit, recorded: list[dict]):
+def _verified_shards(out: Path, split: SourceSplit, recorded: list[dict]):
     """The recorded shards that still hash as packed, in order, up to the first that does not."""
     kept = []
     for entry in recorded:
@@ -266,7 +264,7 @@ def _pack_split(out: Path, split_name: str, split: SourceSplit, state: dict, lim
                 result: PackResult, bar: tqdm) -> SplitIndex:
     """Keep the verified shards of ``split`` already in ``out``, write the rest, return the split's columns."""
     shard_bytes, shard_samples = limits
-    kept = _verified_shards(out, split_name, split, state["splits"].get(split_name, []))
+    kept = _verified_shards(out, split, state["splits"].get(split_name, []))
     recorded = state["splits"][split_name] = [entry for entry, _, _ in kept]
     shards = [shard for _, shard, _ in kept]
     images = [image for _, _, shard_images in kept for image in shard_images]
