@@ -132,7 +132,9 @@ _STAT_CALLS = ("newfstatat", "statx", "stat", "lstat", "fstat", "fstatat64")
 def _read_samples(data_path: str, count: int) -> None:
     """The traced child: build the data set, read ``count`` samples in a shuffled order (as a sampler would)."""
     dataset = build_dataset(data_path, "train")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    generator = torch.Generator().manual_seed(0)
+    order = torch.cat([torch.randperm(len(dataset), generator=generator)
+                       for _ in range(-(-count // len(dataset)))])[:count].tolist()  # epochs end to end
     for i in order:
         dataset[i]
 
