@@ -43,7 +43,7 @@ TINY_FLAGS = ["--arch", "vit_tiny", "--patch_size", "8", "--mode", "simpool",
               "--model_overrides", "depth=1", "embed_dim=32", "num_heads=2", "img_size=32",
               "--out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16",
               "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2"]
-# One progress line of simpool.run_log: "epoch 0 [25/200]  loss 10.9  lr 1e-05  img/s 2345  data% 3.1 ..."
+# One progress line of simpool.run.log: "epoch 0 [25/200]  loss 10.9  lr 1e-05  img/s 2345  data% 3.1 ..."
 PROGRESS = re.compile(r"^epoch \d+ \[(\d+)/\d+\].*?\bimg/s (\S+)\s+data% (\S+)", re.MULTILINE)
 
 

@@ -155,7 +155,7 @@ def photo_folder(root: Path, per_class: int = 6, val_per_class: int = 2, size: t
             folder.mkdir(parents=True)
             for i in range(count):
                 pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+                Image.fromarray(pixels).save(folder / f"{i:04d}.png")
     return root
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -69,3 +70,11 @@ def test_profile_step_groups_the_step_time():
               for line in out.splitlines() if line.endswith("%") and not line.startswith(("|", "-"))}
     assert "matmul / linear / conv" in shares and shares["matmul / linear / conv"] > 0, out
     assert abs(sum(shares.values()) - 100.0) < 0.5, shares
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("strace"), reason="counts file opens with strace (apt-get install strace)")
+def test_data_sources_benchmark_runs(tmp_path):
+    out = run_script("benchmarks/data_sources.py", "--root", str(tmp_path), "--images", "400", "--classes", "4",
+                     "--throughput_images", "128", "--repeats", "1")
+    assert "shard index" in out and "shards: 0 opens" in out and "folder: 1000 opens" in out

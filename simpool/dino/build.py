@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from simpool.dino.step import DINOStep
 from simpool.distributed import DistInfo, unwrap
 from simpool.models import build_backbone
 from simpool.run.config import ConfigError
+from simpool.run.flags import data_source_options
+
+log = logging.getLogger(__name__)
 
 
 def build_student_teacher(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn.Module, int]:
@@ -95,7 +99,8 @@ def build_train_loader(args: argparse.Namespace, dist_info: DistInfo) -> tuple[D
                                          local_crops_size=args.local_crops_size)
         collate = collate_skip_bad
     dataset = build_dataset(args.data_path, "train", transform=transform,
-                            subset=args.subset if args.subset > 0 else None)
+                            subset=args.subset if args.subset > 0 else None,
+                            options=data_source_options(args, listing_dir=args.output_dir, log=log.info))
     if len(dataset) < args.batch_size_per_gpu * dist_info.world_size:
         raise DataError(f"{args.data_path} holds {len(dataset)} images, fewer than one global batch "
                         f"({args.batch_size_per_gpu} x {dist_info.world_size}); lower --batch_size_per_gpu")

@@ -33,7 +33,14 @@ from simpool.run.config import (
     check_ranges,
     parse_over_config,
 )
-from simpool.run.flags import AUTO_GAMMA, add_distributed_flags, bool_flag, float_or_none, key_value
+from simpool.run.flags import (
+    AUTO_GAMMA,
+    add_data_source_flags,
+    add_distributed_flags,
+    bool_flag,
+    float_or_none,
+    key_value,
+)
 from simpool.run.precision import PRECISIONS
 
 
@@ -136,9 +143,11 @@ def build_parser() -> FlagParser:
     g.add_argument("--data_path",
         default=None,
         type=str,
-        help="dataset root holding train/ (and val/), an ImageFolder, a .txt file list, or fashion-mnist",
+        help="dataset root holding train/ (and val/), an ImageFolder, a .txt file list, fashion-mnist, a shard "
+        "index.json (simpool-pack), shards-{000000..000009}.tar, or a Hugging Face dataset (parquet/save_to_disk)",
     )
     g.add_argument("--subset", default=-1, type=int, help="keep the first N images per class (-1: all)")
+    add_data_source_flags(g)  # --rescan, --image_column, --label_column
     g.add_argument("--output_dir", default=".", type=str, help="checkpoints, log.txt and args.yaml go here")
     g.add_argument("--saveckp_freq", default=20, type=int, help="keep checkpointNNNN.pth every N epochs (0: never)")
     g.add_argument("--save_every_steps", default=0, type=int, help="also save checkpoint.pth every N iterations")

@@ -23,6 +23,7 @@ import torch
 from simpool.data import DataError, build_labelled_splits
 from simpool.evaluation.features import eval_transform, evenly_spaced_subset, extract_features
 from simpool.evaluation.knn import knn_on_features
+from simpool.run.flags import data_source_options
 from simpool.run.log import RunLogger
 
 __all__ = ["OnlineKNN"]
@@ -46,7 +47,8 @@ class OnlineKNN:
             self._listed = True
             try:
                 train, val = build_labelled_splits(self.args.data_path,
-                                                   transform=eval_transform(self.args.global_crops_size))
+                                                   transform=eval_transform(self.args.global_crops_size),
+                                                   options=data_source_options(self.args, self.args.output_dir))
                 limit = self.args.knn_max_images
                 self._splits = evenly_spaced_subset(train, limit), evenly_spaced_subset(val, limit)
             except DataError as err:

@@ -41,7 +41,7 @@ from simpool.evaluation.features import num_classes_of
 from simpool.loading import ModelSource, load_model
 from simpool.models import PooledBackbone
 from simpool.run.config import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, check_ranges
-from simpool.run.flags import backbone_flags
+from simpool.run.flags import add_data_source_flags, backbone_flags, data_source_options
 
 __all__ = ["add_data_flags", "build_model", "labelled_splits", "parse_flags", "require_data_path",
            "results_folder", "write_json"]
@@ -50,7 +50,9 @@ __all__ = ["add_data_flags", "build_model", "labelled_splits", "parse_flags", "r
 def add_data_flags(parser: argparse.ArgumentParser, batch_size: int = 128) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data_path", default=None, type=str,
-                       help="root holding train/ and val/ class folders (ImageFolder), or fashion-mnist")
+                       help="root holding train/ and val/ class folders (ImageFolder), fashion-mnist, a shard "
+                       "index.json (simpool-pack) or a Hugging Face dataset (parquet / save_to_disk)")
+    add_data_source_flags(group)  # --rescan, --image_column, --label_column
     group.add_argument("--image_size", default=224, type=int,
                        help="evaluation crop side; the resize before it is 256/224 of it (DINO: 256 -> 224)")
     group.add_argument("--batch_size_per_gpu", default=batch_size, type=int, help="images per process")
@@ -79,7 +81,8 @@ def labelled_splits(
     """(train, val, number of classes) from ``--data_path``; a ``DataError`` names the folders at fault."""
     require_data_path(args)
     train, val = build_labelled_splits(args.data_path, transform=transform, val_transform=val_transform,
-                                       subset=subset)
+                                       subset=subset,
+                                       options=data_source_options(args, getattr(args, "output_dir", None)))
     return train, val, num_classes_of(train)
 
 

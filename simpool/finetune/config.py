@@ -30,7 +30,13 @@ from simpool.run.config import (
     check_ranges,
     parse_over_config,
 )
-from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
+from simpool.run.flags import (
+    add_data_source_flags,
+    add_distributed_flags,
+    add_model_flags,
+    bool_flag,
+    require_weights,
+)
 from simpool.run.precision import PRECISIONS
 
 __all__ = ["build_parser", "parse_finetune_args"]
@@ -44,7 +50,9 @@ def build_parser() -> FlagParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None, type=str,
-                   help="root with train/ and val/ class folders, or fashion-mnist")
+                   help="root with train/ and val/ class folders, fashion-mnist, a shard index.json "
+                   "(simpool-pack) or a Hugging Face dataset (parquet / save_to_disk)")
+    add_data_source_flags(g)  # --rescan, --image_column, --label_column
     g.add_argument("--input_size", default=224, type=int, help="training and evaluation crop side")
     g.add_argument("--crop_pct", default=0.875, type=float, help="evaluation: resize to input_size / crop_pct, crop")
     g.add_argument("--batch_size_per_gpu", default=64, type=int, help="images per process")

@@ -26,6 +26,7 @@ from simpool.data import ResumableDistributedSampler, build_labelled_splits, col
 from simpool.distributed import DistInfo
 from simpool.finetune.config import mixup_active
 from simpool.run.config import ConfigError
+from simpool.run.flags import data_source_options
 
 __all__ = ["build_mixup", "labelled_splits", "train_loader", "val_loader"]
 
@@ -53,7 +54,8 @@ def labelled_splits(args: argparse.Namespace, world_size: int = 1) -> tuple[Data
     train_tf, val_tf = _transforms(args)
     train, val = build_labelled_splits(args.data_path, transform=train_tf, val_transform=val_tf,
                                        subset=args.subset if args.subset > 0 else None,
-                                       val_subset=args.val_subset if args.val_subset > 0 else None)
+                                       val_subset=args.val_subset if args.val_subset > 0 else None,
+                                       options=data_source_options(args, listing_dir=args.output_dir))
     classes = class_names(train)
     global_batch = args.batch_size_per_gpu * world_size
     if len(train) < global_batch:

@@ -22,13 +22,14 @@ from typing import Any
 
 import yaml
 
+from simpool.data.build import SourceOptions
 from simpool.loading import FROM_CHECKPOINT
 from simpool.models.base import AUTO_GAMMA, MODES
 from simpool.run.config import ConfigError
 
 __all__ = [
-    "AUTO_GAMMA", "add_backbone_flags", "add_distributed_flags", "add_model_flags", "backbone_flags", "bool_flag",
-    "float_or_none", "key_value", "require_weights",
+    "AUTO_GAMMA", "add_backbone_flags", "add_data_source_flags", "add_distributed_flags", "add_model_flags",
+    "backbone_flags", "bool_flag", "data_source_options", "float_or_none", "key_value", "require_weights",
 ]
 
 
@@ -89,6 +90,26 @@ def backbone_flags(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]
         "patch_size": getattr(args, f"{prefix}patch_size"),
         **overrides,
     }
+
+
+def add_data_source_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """How ``--data_path`` is read beyond the path (:class:`simpool.data.build.SourceOptions`): every tool taking
+    ``--data_path`` adds them."""
+    group.add_argument("--rescan", action="store_true",
+                       help="list the ImageFolder anew, even if the run's file list (file_list-*.json beside the run) "
+                       "matches its folders' times")
+    group.add_argument("--image_column", default=None, type=str,
+                       help="Hugging Face dataset: the image column (default: its one Image column)")
+    group.add_argument("--label_column", default=None, type=str,
+                       help="Hugging Face dataset: the label column (default: its ClassLabel column, else 'label')")
+
+
+def data_source_options(args: argparse.Namespace, listing_dir: str | None = None, log=None) -> SourceOptions:
+    """``SourceOptions`` from the flags of :func:`add_data_source_flags` (absent flags: defaults); ``listing_dir``:
+    where an ImageFolder's file list is kept (the run's output folder; None: each process walks the folder)."""
+    return SourceOptions(listing_dir=listing_dir, rescan=bool(getattr(args, "rescan", False)),
+                         image_column=getattr(args, "image_column", None),
+                         label_column=getattr(args, "label_column", None), log=log)
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
