@@ -132,9 +132,10 @@ def test_knn_without_weights_stops_unless_random_init(trained, tmp_path, capsys)
     assert written["weights"] is None and written["arch"] == "vit_tiny" and set(written["results"]) == {"2"}
 
 
-def test_mode_mismatch_stops_before_extraction(trained, capsys, monkeypatch):
+def test_mode_mismatch_stops_before_extraction(trained, tmp_path, capsys, monkeypatch):
     photos, checkpoint = trained
     monkeypatch.setattr(run_knn, "extract_features", lambda *a, **k: pytest.fail("ran with bad weights"))
+    monkeypatch.chdir(tmp_path)  # the default --output_dir is "."
     assert run_knn.main(knn_args(photos, checkpoint, "--mode", "official")) == 2
     err = capsys.readouterr().err
     assert "missing keys: cls_token" in err
@@ -232,7 +233,7 @@ def test_linear_cached_features_equals_library(trained, tmp_path):
     assert set(log[-1]["per_lr"]) == {"0.01", "0.1"}
 
     model, _ = load_model(checkpoint, "teacher")
-    parsed = run_linear.get_args_parser().parse_args(["--data_path", str(photos)])
+    parsed = run_linear.get_args_parser().parse_args(["--data_path", str(photos), "--output_dir", str(out)])
     train, val, _ = run_linear.labelled_splits(parsed, eval_transform(int(IMAGE_SIZE)))
     features = feature_fn(model)
     train_x, train_y = extract_features(features, train, batch_size=8, normalize=False)
