@@ -70,8 +70,8 @@ def in9_folder(path: str | Path, transform: Callable | None = None) -> ImageFold
     if bad:
         raise DataError(f"{path}/{bad[0]}: a class folder that is no IN-9 class; name the nine folders 00_dog, "
                         "01_bird, ..., 08_fish as the backgrounds challenge's release does")
-    if sorted(classes) != list(range(len(IN9_CLASSES))):
-        raise DataError(f"{path} holds the class folders {folders}: expected each of the nine IN-9 classes once "
+    if not classes or len(set(classes)) != len(classes):
+        raise DataError(f"{path} holds the class folders {folders}: expected the nine IN-9 classes, each once "
                         f"({', '.join(IN9_CLASSES)})")
     try:
         data = ImageFolder(str(path), transform=transform)

@@ -37,11 +37,14 @@ def _tiled(background: np.ndarray, box: np.ndarray) -> np.ndarray:
 
 
 def _samples(n: int, image_size: int, seed: int, split: Split) -> list:
-    samples, index = [], 0
-    while len(samples) < n:  # skip Fashion-MNIST class 9: IN-9 has nine classes
+    """The first samples of each of classes 0..8 (class 9, ankle boot, is left out), ceil(n / 9) per class."""
+    quota = -(-n // len(IN9_CLASSES))
+    samples, counts, index = [], [0] * len(IN9_CLASSES), 0
+    while len(samples) < n:
         sample = render_fashion_on_photo(index, image_size, seed, split)
-        if sample.label < len(IN9_CLASSES):
+        if sample.label < len(IN9_CLASSES) and counts[sample.label] < quota:
             samples.append(sample)
+            counts[sample.label] += 1
         index += 1
     return samples
 
