@@ -8,9 +8,14 @@
   (``torch.optim.SGD`` + ``CosineAnnealingLR``); :mod:`simpool.evaluation.linear_probe`: the probe's run
   (checkpoint, resume, logs) behind ``eval_linear.py``
 * :mod:`simpool.evaluation.attention_metrics`: Jaccard / CorLoc of attention maps against object masks
+* SimPool's own tables: :mod:`~simpool.evaluation.localization` (MaxBoxAccV2, wsolevaluation),
+  :mod:`~simpool.evaluation.lost` and :mod:`~simpool.evaluation.object_discovery` (LOST and DINO-seg CorLoc),
+  :mod:`~simpool.evaluation.background_robustness` (ImageNet-9 variants); :mod:`~simpool.evaluation.box_figures`
 * :mod:`simpool.evaluation.common`: the flags and set-up the command-line drivers share
 * drivers (``main(argv) -> exit code``, not imported here): :mod:`~simpool.evaluation.run_knn` (``eval_knn.py``),
-  :mod:`~simpool.evaluation.run_linear` (``eval_linear.py``), :mod:`~simpool.evaluation.attention`
+  :mod:`~simpool.evaluation.run_linear` (``eval_linear.py``), :mod:`~simpool.evaluation.attention`,
+  :mod:`~simpool.evaluation.run_localization`, :mod:`~simpool.evaluation.run_object_discovery`,
+  :mod:`~simpool.evaluation.run_background_robustness` (each with a library-level ``run_<x>(...) -> dict``)
 
 Example:
     >>> from simpool.data import build_labelled_splits
