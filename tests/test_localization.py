@@ -364,3 +364,14 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path, wsol_data):
     ddp = json.loads((tmp_path / "ddp" / "localization.json").read_text())
     assert ddp["per_map"] == single["per_map"] and ddp["rows"] == single["rows"]
     assert len((tmp_path / "ddp" / "localization.rank1.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_simpool_convnet_is_scored_on_its_map(tmp_path, wsol_data):
+    weights = tmp_path / "resnet.pth"
+    torch.save(build_backbone("resnet18", mode="simpool", layers=(1, 1, 1, 1)).state_dict(), weights)
+    images, metadata = wsol_data
+    assert main(["--pretrained_weights", str(weights), "--arch", "resnet18", "--mode", "simpool", "--model_overrides",
+                 "layers=[1,1,1,1]", "--data_path", str(images), "--metadata", str(metadata), "--image_size", "64",
+                 "--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path / "loc")]) == 0
+    result = json.loads((tmp_path / "loc" / "localization.json").read_text())
+    assert list(result["rows"]) == ["map"] and result["num_images"] == 10

@@ -205,3 +205,13 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path, voc):
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp" / "object_discovery.json").read_text())
     assert ddp["corloc"] == single["corloc"] and ddp["rows"] == single["rows"]
+
+
+def test_a_simpool_convnet_gets_dinoseg_but_no_lost(tmp_path, voc):
+    weights = tmp_path / "resnet.pth"
+    torch.save(build_backbone("resnet18", mode="simpool", layers=(1, 1, 1, 1)).state_dict(), weights)
+    assert main(["--pretrained_weights", str(weights), "--arch", "resnet18", "--mode", "simpool", "--model_overrides",
+                 "layers=[1,1,1,1]", "--data_path", str(voc), "--num_workers", "0", "--no_progress", "--figures", "1",
+                 "--output_dir", str(tmp_path / "od")]) == 0
+    result = json.loads((tmp_path / "od" / "object_discovery.json").read_text())
+    assert set(result["rows"]) == {"DINO-seg", "DINO-seg (largest component)"} and "lost" not in result["corloc"]
