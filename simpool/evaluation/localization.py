@@ -88,11 +88,11 @@ def quantize_scoremap(scoremap: np.ndarray) -> np.ndarray:
     return (scoremap * 255).astype(np.uint8)
 
 
-def _boxes_of(slices: list, grow: int, height: int, width: int) -> list[list[int]]:
+def _boxes_of(slices: list, grow: int, offset: tuple[int, int], height: int, width: int) -> list[list[int]]:
     boxes = []
     for rows, cols in slices:
-        x0, y0 = cols.start - grow, rows.start - grow
-        x1, y1 = cols.stop - 1 + grow, rows.stop - 1 + grow  # last pixel of the contour
+        x0, y0 = cols.start - grow + offset[1], rows.start - grow + offset[0]
+        x1, y1 = cols.stop - 1 + grow + offset[1], rows.stop - 1 + grow + offset[0]  # last pixel of the contour
         # boundingRect's x + w is one past the last pixel; wsolevaluation clips it to width - 1.
         boxes.append([x0, y0, min(x1 + 1, width - 1), min(y1 + 1, height - 1)])
     return boxes
@@ -117,16 +117,21 @@ def contour_boxes(mask: np.ndarray) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got {mask.shape}")
     height, width = mask.shape
-    labels, count = ndimage.label(mask, structure=_EIGHT)
-    boxes = _boxes_of(ndimage.find_objects(labels), 0, height, width) if count else []
-    background, holes = ndimage.label(~mask, structure=_FOUR)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return np.zeros((1, 4), dtype=np.int64)
+    # Label only the foreground's box grown by one pixel: background outside it reaches the image border, so a
+    # background component touching this crop's border is no hole (the crop is what makes high thresholds cheap).
+    top, left = max(rows[0] - 1, 0), max(cols[0] - 1, 0)
+    crop = mask[top:rows[-1] + 2, left:cols[-1] + 2]
+    labels, _ = ndimage.label(crop, structure=_EIGHT)
+    boxes = _boxes_of(ndimage.find_objects(labels), 0, (top, left), height, width)
+    background, holes = ndimage.label(~crop, structure=_FOUR)
     if holes:
         touching = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
         enclosed = [s for label, s in enumerate(ndimage.find_objects(background), start=1)
                     if s is not None and label not in touching]
-        boxes += _boxes_of(enclosed, 1, height, width)
-    if not boxes:
-        return np.zeros((1, 4), dtype=np.int64)
+        boxes += _boxes_of(enclosed, 1, (top, left), height, width)
     return np.asarray(boxes, dtype=np.int64)
 
 
