@@ -46,8 +46,8 @@ from simpool.evaluation import (  # noqa: E402
     run_object_discovery,  # noqa: E402
 )
 from simpool.evaluation.object_discovery import padded_tensor  # noqa: E402
-from simpool.evaluation.run_background_robustness import _transform  # noqa: E402
-from simpool.evaluation.run_localization import _Resized  # noqa: E402
+from simpool.evaluation.run_background_robustness import in9_transform  # noqa: E402
+from simpool.evaluation.run_localization import WsolImages  # noqa: E402
 from simpool.loading import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def forward_seconds(flags: list[str], task: str, data) -> float:
     model, _ = load_model(weights, random_init=weights is None, mode=mode, **kwargs)
     start = time.perf_counter()
     if task == "localization":
-        loader = torch.utils.data.DataLoader(_Resized(data, range(len(data)), LOC_SIZE), batch_size=32)
+        loader = torch.utils.data.DataLoader(WsolImages(data, range(len(data)), LOC_SIZE), batch_size=32)
         for images, _ in loader:
             attention_maps(model, images)
     elif task == "discovery":
@@ -107,7 +107,7 @@ def main() -> None:
     coco = write_coco20k(data / "coco", args.images, image_size=96)
     write_bg_challenge(data / "in9", n_val=args.in9_images, n_train=args.in9_train, image_size=56)
     wsol, voc = read_wsol(images, metadata), read_voc_boxes(data / "voc")
-    variants = [in9_folder(p, _transform(56)) for p in find_variants(data / "in9").values()]
+    variants = [in9_folder(p, in9_transform(56)) for p in find_variants(data / "in9").values()]
     common = ["--num_workers", "0", "--no_progress"]
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
                      "load_before": os.getloadavg(), "models": {}, "timing": {}}

@@ -19,7 +19,7 @@ from simpool.data import DataError
 from simpool.data.bg_challenge import IN9_CLASSES, IN9_VARIANTS, find_variants, in9_folder
 from simpool.data.generated.bg_challenge import write_bg_challenge
 from simpool.evaluation.background_robustness import IN_TO_IN9, in9_correct, load_probe_head, map_to_in9
-from simpool.evaluation.run_background_robustness import _transform, main
+from simpool.evaluation.run_background_robustness import in9_transform, main
 from simpool.evaluation.run_linear import main as linear_main
 from simpool.loading import load_model
 
@@ -128,7 +128,7 @@ def naive_accuracy(weights: Path, linear: Path, folder: Path) -> float:
     model, _ = load_model(str(weights), arch="vit_tiny", mode="simpool", patch_size=8, depth=2, embed_dim=48,
                           num_heads=3)
     head = load_probe_head(linear)
-    data, hits = in9_folder(folder, _transform(32)), 0
+    data, hits = in9_folder(folder, in9_transform(32)), 0
     with torch.no_grad():
         for image, label in data:
             hits += int(head(model.eval()(image[None])).argmax()) == label

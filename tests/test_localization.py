@@ -304,13 +304,13 @@ def test_driver_result_equals_the_library_on_the_same_maps(tmp_path, wsol_data):
     weights = tiny_weights(tmp_path, "simpool")
     result = run_driver(weights, wsol_data, tmp_path / "loc", "simpool")
     from simpool.attention_maps import attention_maps
-    from simpool.evaluation.run_localization import _Resized
+    from simpool.evaluation.run_localization import WsolImages
     from simpool.loading import load_model
 
     model, _ = load_model(str(weights), arch="vit_tiny", mode="simpool", patch_size=8, depth=2, embed_dim=48,
                           num_heads=3)
     data = read_wsol(*wsol_data)
-    rows, dataset = [], _Resized(data, range(len(data)), 64)
+    rows, dataset = [], WsolImages(data, range(len(data)), 64)
     for i in range(len(data)):
         grid = attention_maps(model.eval(), dataset[i][0][None])[0, 0]
         q = quantize_scoremap(normalize_scoremap(resize_scoremap(grid, (64, 64))))

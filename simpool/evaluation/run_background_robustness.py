@@ -54,7 +54,7 @@ RESULTS_FILE = "background_robustness.json"
 TABLE = (("IN-9", "original"), ("Mixed-Same", "mixed_same"), ("Mixed-Rand", "mixed_rand"),
          ("Mixed-Next", "mixed_next"))
 
-__all__ = ["check_probe", "get_args_parser", "main", "probe_features", "run_background_robustness"]
+__all__ = ["check_probe", "get_args_parser", "in9_transform", "main", "probe_features", "run_background_robustness"]
 
 
 def probe_features(model: torch.nn.Module, n_last_blocks: int = 4, avgpool_patchtokens: bool = False):
@@ -77,7 +77,9 @@ def check_probe(head: ProbeHead, source: dict[str, Any], feature_dim: int) -> No
                              "--n_last_blocks / --avgpool_patchtokens the probe was trained with")
 
 
-def _transform(image_size: int) -> transforms.Compose:
+def in9_transform(image_size: int) -> transforms.Compose:
+    """``ToTensor`` + ImageNet normalisation (the challenge's test transform); images not at ``image_size`` are
+    resized and centre-cropped to it first (a no-op on the release's 224 x 224 images)."""
     return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -126,7 +128,7 @@ def run_background_robustness(
     protocol = {"image_size": image_size, "probe": str(Path(probe).resolve()) if probe else "", "probe_lr": head.lr,
                 "probe_classes": head.num_labels, "n_last_blocks": n_last_blocks,
                 "avgpool_patchtokens": avgpool_patchtokens}
-    datasets = {name: in9_folder(path, _transform(image_size)) for name, path in variants.items()}
+    datasets = {name: in9_folder(path, in9_transform(image_size)) for name, path in variants.items()}
     identity = {**weights_identity(source), **protocol, "data_path": str(Path(data_path).resolve()) if data_path
                 else "", "num_images": {name: len(d) for name, d in datasets.items()}}
     items = ItemResults(output_dir, "background_robustness", identity).open()

@@ -70,10 +70,10 @@ from simpool.run import ItemResults, shard, weights_identity
 log = logging.getLogger("simpool.evaluation.run_localization")
 RESULTS_FILE = "localization.json"
 
-__all__ = ["check_applies", "get_args_parser", "main", "run_localization", "summary"]
+__all__ = ["WsolImages", "check_applies", "get_args_parser", "main", "run_localization", "summary"]
 
 
-class _Resized(Dataset):
+class WsolImages(Dataset):
     """(normalised S x S tensor, index) of the images of ``data`` listed in ``indices`` (wsolevaluation's test
     transform: ``Resize((S, S))``, bilinear)."""
 
@@ -157,7 +157,7 @@ def run_localization(
     items = ItemResults(output_dir, "localization", identity).open()
     position = {image_id: i for i, image_id in enumerate(data.image_ids)}
     mine = [position[i] for i in shard(items.todo(data.image_ids))]
-    loader = DataLoader(_Resized(data, mine, image_size), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(WsolImages(data, mine, image_size), batch_size=batch_size, num_workers=num_workers)
     with tqdm(total=len(mine), disable=not (progress and is_main_process()), desc="localization") as bar:
         for images, indices in loader:
             maps = _with_head_mean(attention_maps(model, images))
@@ -185,7 +185,7 @@ def _figures(model, data: WsolData, result: dict, thresholds: np.ndarray, size: 
     index = result["per_map"][primary]["best_threshold_index"].get("50")
     if index is None or not count:
         return
-    dataset = _Resized(data, range(min(count, len(data))), size)
+    dataset = WsolImages(data, range(min(count, len(data))), size)
     for i in range(len(dataset)):
         tensor, _ = dataset[i]
         image_id = data.image_ids[i]
