@@ -98,8 +98,9 @@ def run_object_discovery(
     num_workers: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score every image of ``data`` (items ``(name, PIL image, gt boxes (k, 4))``), resuming from ``output_dir``;
-    collective under torchrun. Returns (on every rank) the dict written to ``object_discovery.json`` by rank 0."""
+    """Score every image of ``data`` (``data.names`` the image ids, items ``(name, PIL image, gt boxes (k, 4))``: a
+    :func:`load_discovery_data` result), resuming from ``output_dir``; collective under torchrun. Returns (on every
+    rank) the dict written to ``object_discovery.json`` by rank 0."""
     check_applies(model, lost_source, which)
     output_dir = Path(output_dir)
     protocol = {"image_size": image_size, "k_patches": k_patches, "which": which, "lost_source": lost_source,
