@@ -215,3 +215,16 @@ def test_a_simpool_convnet_gets_dinoseg_but_no_lost(tmp_path, voc):
                  "--output_dir", str(tmp_path / "od")]) == 0
     result = json.loads((tmp_path / "od" / "object_discovery.json").read_text())
     assert set(result["rows"]) == {"DINO-seg", "DINO-seg (largest component)"} and "lost" not in result["corloc"]
+
+
+def test_a_rerun_on_other_images_is_refused(tmp_path, voc, capsys):
+    weights = tiny_weights(tmp_path, "simpool")
+    run_driver(weights, tmp_path / "od", "simpool", "--data_path", str(voc))
+    root = voc / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
+    names = (root / "trainval.txt").read_text().splitlines()
+    (root / "half.txt").write_text("\n".join(names[:5]) + "\n")
+    capsys.readouterr()
+    assert main(["--pretrained_weights", str(weights), *TINY, "--mode", "simpool", "--data_path", str(voc), "--split",
+                 "half", "--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path / "od")]) == 2
+    error = capsys.readouterr().err
+    assert "num_images 10 -> 5" in error and "images_sha1" in error and error.count("\n") == 1

@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -153,7 +154,8 @@ def run_localization(
     thresholds = cam_thresholds(interval)
     protocol = {"image_size": image_size, "cam_curve_interval": interval, "iou_thresholds": list(iou_thresholds)}
     identity = {**weights_identity(source), **protocol, "data_path": str(data.image_root.resolve()),
-                "metadata": str(data.metadata.resolve()), "num_images": len(data)}
+                "metadata": str(data.metadata.resolve()), "num_images": len(data),
+                "images_sha1": hashlib.sha1("\n".join(data.image_ids).encode()).hexdigest()}
     items = ItemResults(output_dir, "localization", identity).open()
     position = {image_id: i for i, image_id in enumerate(data.image_ids)}
     mine = [position[i] for i in shard(items.todo(data.image_ids))]

@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -105,10 +106,10 @@ def run_object_discovery(
     output_dir = Path(output_dir)
     protocol = {"image_size": image_size, "k_patches": k_patches, "which": which, "lost_source": lost_source,
                 "keep": keep, "corloc_iou": 0.5}
-    identity = {**weights_identity(source), **protocol, "data_path": str(Path(data_path).resolve()) if data_path
-                else "", "num_images": len(data)}
-    items = ItemResults(output_dir, "object_discovery", identity).open()
     names = list(data.names)  # the items' ids
+    identity = {**weights_identity(source), **protocol, "data_path": str(Path(data_path).resolve()) if data_path
+                else "", "num_images": len(data), "images_sha1": hashlib.sha1("\n".join(names).encode()).hexdigest()}
+    items = ItemResults(output_dir, "object_discovery", identity).open()
     position = {name: i for i, name in enumerate(names)}
     mine = [position[name] for name in shard(items.todo(names))]
     patch_size = model_stride(model)
