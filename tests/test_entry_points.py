@@ -15,7 +15,8 @@ SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scrip
 
 def test_the_tools_have_entry_points():
     expected = {"simpool-train", "simpool-eval-knn", "simpool-eval-linear", "simpool-export", "simpool-visualize",
-                "simpool-attention"}
+                "simpool-attention", "simpool-localization", "simpool-object-discovery",
+                "simpool-background-robustness"}
     assert expected <= set(SCRIPTS)
 
 

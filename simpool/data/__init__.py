@@ -13,6 +13,9 @@
 * :mod:`simpool.data.masks`: images with object masks / boxes (VOC-style folders, COCO-style JSON) for scoring
   attention maps, and ``mask_to_box``
 * :mod:`simpool.data.fashion_on_photos`: Fashion-MNIST items pasted on photos, with exact object masks (offline)
+* boxes and classes in their authors' layouts: :mod:`simpool.data.wsol` (wsolevaluation metadata),
+  :mod:`simpool.data.voc_boxes` (VOC ``Annotations/``), :mod:`simpool.data.coco20k`, :mod:`simpool.data.bg_challenge`
+  (ImageNet-9 variants); writers of such data in :mod:`simpool.data.generated`
 """
 
 from simpool.data.build import SourceOptions, build_dataset, build_labelled_splits, dataset_fingerprint

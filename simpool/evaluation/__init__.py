@@ -10,9 +10,14 @@
 * :mod:`simpool.evaluation.attention_metrics`: Jaccard / CorLoc of attention maps against object masks;
   :mod:`simpool.evaluation.attention_scores`: those scores for a model on a data set
 * :mod:`simpool.evaluation.segmentation_probe`: the linear segmentation probe on patch features
+* SimPool's own tables: :mod:`~simpool.evaluation.localization` (MaxBoxAccV2, wsolevaluation),
+  :mod:`~simpool.evaluation.lost` and :mod:`~simpool.evaluation.object_discovery` (LOST and DINO-seg CorLoc),
+  :mod:`~simpool.evaluation.background_robustness` (ImageNet-9 variants); :mod:`~simpool.evaluation.box_figures`
 * :mod:`simpool.evaluation.common`: the data flags and frozen-model set-up the command lines share
 * command lines (``run_*.py``, ``main(argv) -> exit code``, not imported here): ``run_knn`` (``eval_knn.py``),
-  ``run_linear`` (``eval_linear.py``), ``run_attention``, ``run_segmentation``
+  ``run_linear`` (``eval_linear.py``), ``run_attention``, ``run_segmentation``, ``run_localization``,
+  ``run_object_discovery``, ``run_background_robustness`` (each of the last three with a library-level
+  ``run_<x>(...) -> dict``)
 
 Example:
     >>> from simpool.data import build_labelled_splits

@@ -2,4 +2,8 @@
 items on real photos, with exact masks and boxes), so that every reader is tested on the files it will meet.
 
 * :mod:`simpool.data.generated.voc`: PASCAL VOC segmentation folders (``write_voc_style``)
+* :mod:`simpool.data.generated.voc_detection`: PASCAL VOC detection (``Annotations/*.xml``), as LOST reads VOC07/12
+* :mod:`simpool.data.generated.coco20k`: COCO train2014 images + instances JSON + LOST's 20k file list
+* :mod:`simpool.data.generated.wsol`: clovaai/wsolevaluation's metadata files + images (CUB / ImageNet layout)
+* :mod:`simpool.data.generated.bg_challenge`: ImageNet-9 and its background variants (backgrounds challenge)
 """
