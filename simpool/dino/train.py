@@ -70,10 +70,22 @@ class Trainer:
         self.dist = start_process(args.dist_url, args.backend, tf32=True)
         self.device = self.dist.device
         set_seeds(args.seed + self.dist.rank)
-        # Everything that can be wrong with the input is read and checked before anything is written.
+        resume_state, init_weights = self.read_inputs()  # everything that can be wrong, before anything is written
+        self.checkpoint.prepare_folder()
+        if self.dist.is_main:
+            write_args_yaml(args.output_dir, args)
+        self.build_models()
+        self.schedules = DINOSchedules.build(args, self.niter_per_epoch, self.samples_per_step)
+        self.build_bookkeeping()
+        self.start_from(resume_state, init_weights)
+
+    def read_inputs(self) -> tuple[dict[str, Any] | None, Any]:
+        """The checkpoint to resume from, the ``--pretrained_weights`` and the data, each checked (nothing is
+        written): (resume state or None, init weights or None)."""
+        args = self.args
         self.checkpoint = RunCheckpoint(args.output_dir, DINO_CHECKPOINT, resume_from=args.resume_from)
         self.resume_source, resume_state = self.checkpoint.read()
-        init_weights = read_init_weights(args, self.resume_source)  # --pretrained_weights; a resume ignores it
+        init_weights = read_init_weights(args, self.resume_source)  # a resume ignores --pretrained_weights
         self.loader, self.sampler = build_train_loader(args, self.dist)
         self.dataset_size = len(self.sampler.dataset)
         self.dataset_fingerprint = dataset_fingerprint(self.sampler.dataset)
@@ -82,26 +94,28 @@ class Trainer:
         if self.niter_per_epoch < 1:
             raise DataError(f"{args.data_path} holds {self.dataset_size} images, fewer than one optimizer step "
                             f"({self.samples_per_step} samples); lower --batch_size_per_gpu")
-        self.checkpoint.prepare_folder()
-        if self.dist.is_main:
-            write_args_yaml(args.output_dir, args)
+        return resume_state, init_weights
 
-        self.build_models()
-        self.schedules = DINOSchedules.build(args, self.niter_per_epoch, self.samples_per_step)
+    def build_bookkeeping(self) -> None:
+        """Progress, the collapse alarm, the logs, the online k-NN, the attention grid and the epoch's end."""
+        args, output_dir = self.args, Path(self.args.output_dir)
         self.progress = Progress()
         self.last_index = 0  # schedule index of the latest step
         self.collapse = CollapseMonitor(args.out_dim)
-        self.log = RunLogger(args.output_dir, enabled=self.dist.is_main, wandb_project=args.wandb_project,
+        self.log = RunLogger(output_dir, enabled=self.dist.is_main, wandb_project=args.wandb_project,
                              wandb_name=args.wandb_name, config=vars(args))
         self.online_knn = OnlineKNN(args, self.device, self.log)
-        attention_log = AttentionLog.from_args(args, self.loader.dataset, self.dist.is_main, Path(args.output_dir),
+        attention_log = AttentionLog.from_args(args, self.loader.dataset, self.dist.is_main, output_dir,
                                                self.log.wandb)
-        self.epoch_end = EpochEnd(args, Path(args.output_dir), self.log, attention_log, self.online_knn,
-                                  self.dist.world_size)
+        self.epoch_end = EpochEnd(args, output_dir, self.log, attention_log, self.online_knn, self.dist.world_size)
+
+    def start_from(self, resume_state: dict[str, Any] | None, init_weights) -> None:
+        """Resume the run's own checkpoint, or start a new run from ``--pretrained_weights`` (if given)."""
         self.resumed = resume_state is not None
         if resume_state is not None:
             self.resume(resume_state)
-        for note in apply_init_weights(args, init_weights, unwrap(self.student), unwrap(self.teacher), self.loss_fn):
+        for note in apply_init_weights(self.args, init_weights, unwrap(self.student), unwrap(self.teacher),
+                                       self.loss_fn):
             self.log.print(note)
 
     def build_models(self) -> None:
