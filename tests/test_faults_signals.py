@@ -22,7 +22,7 @@ from simpool.dino.run_train import main
 from tests.helpers import (
     FASHION_TINY,
     REPO,
-    TINY,
+    assert_same_weights,
     children,
     finish,
     free_port,
@@ -33,6 +33,7 @@ from tests.helpers import (
     run_cli,
     start,
     state_of,
+    teacher,
 )
 
 
@@ -169,29 +170,12 @@ def test_a_kill_during_the_final_knn_is_redone_by_the_relaunch(tmp_path, monkeyp
     assert [line["epoch"] for line in lines] == [0] and "knn" in lines[0] and "train_loss" in lines[0]
 
 
-def test_submit_local_wait_returns_the_jobs_exit_code(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("submitit")
-    from tests.test_submit import LAUNCHER_VARIABLES, load_submit_module
-
-    submit = load_submit_module()
-    for name in LAUNCHER_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    code = submit.main(["--local", "--wait", "--ngpus", "0", "--cpus_per_task", "1", "--timeout", "5",
-                        "--output_dir", str(tmp_path / "job"), "--", *TINY, "--data_path", "/nonexistent/data"])
-    out = capsys.readouterr().out
-    assert code == 2, out
-    assert "returned 2" in out
-
-
 # ---------------------------------------------------------------------------------------------------------
 # soak (make test-slow): random SIGKILLs, mid-save included, end on the uninterrupted run's weights
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @needs_fashion
 def test_random_sigkills_even_mid_save_end_on_the_uninterrupted_weights(tmp_path):
-    from tests.test_train import assert_same_weights, teacher
-
     flags = [*FASHION_TINY, "--subset", "4", "--epochs", "3", "--save_every_steps", "1"]  # 30 steps
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert run_cli([*flags, "--output_dir", str(full)]).returncode == 0

@@ -21,7 +21,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import FASHION_TINY, REPO, assert_same_weights, free_port, needs_fashion, teacher
+from tests.helpers import FASHION_TINY, REPO, TINY, assert_same_weights, free_port, needs_fashion, teacher
 
 submitit = pytest.importorskip("submitit")
 from submitit.local.local import LocalJobEnvironment  # noqa: E402 - only once submitit is known to exist
@@ -168,3 +168,16 @@ def test_train_argv_and_distributed_env():
         assert env["MASTER_PORT"] == str(submit.master_port("1234_5"))
     assert 20000 <= submit.master_port("1234_5") < 40000
     assert submit.master_port("1234_5") != submit.master_port("1234_6")
+
+
+def test_submit_local_wait_returns_the_jobs_exit_code(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("submitit")
+    submit = load_submit_module()
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    code = submit.main(["--local", "--wait", "--ngpus", "0", "--cpus_per_task", "1", "--timeout", "5",
+                        "--output_dir", str(tmp_path / "job"), "--", *TINY, "--data_path", "/nonexistent/data"])
+    out = capsys.readouterr().out
+    assert code == 2, out
+    assert "returned 2" in out
