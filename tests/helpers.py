@@ -92,6 +92,14 @@ def run_cli(args: list[str], env_extra: dict | None = None, launcher: list[str] 
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def run_module(module: str, *args: str, launcher: list[str] | None = None, timeout: int = 300,
+               env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m module args`` (or ``launcher -m module args``, e.g. :func:`torchrun`) in a subprocess."""
+    command = [*(launcher or [sys.executable]), "-m", module, *args]
+    return subprocess.run(command, env={**ENV, **(env_extra or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def start(args: list[str], launcher: list[str] | None = None, script: str = "train_dino.py") -> subprocess.Popen:
     """A script (or a launcher running it) as the leader of a new process group, like a SLURM step."""
     command = [*(launcher or [sys.executable]), str(REPO / script), *args]

@@ -4,10 +4,6 @@ generated data in its layout, and the simpool-background-robustness driver again
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +18,7 @@ from simpool.evaluation.background_robustness import IN_TO_IN9, in9_correct, loa
 from simpool.evaluation.run_background_robustness import in9_transform, main
 from simpool.evaluation.run_linear import main as linear_main
 from simpool.loading import load_model
+from tests.helpers import run_module, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "vit_tiny", "--mode", "simpool", "--patch_size", "8", "--model_overrides", "depth=2",
@@ -168,17 +165,12 @@ def test_a_1000_way_probe_mapped_to_in9_scores_like_the_9_way_one(tmp_path, in9,
     assert wide["probe_classes"] == 1000 and wide["accuracy"] == nine["accuracy"]
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "simpool.evaluation.run_background_robustness", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_bad_input_is_one_error_line(tmp_path, in9, probe, capsys):
     weights, linear = probe
     broken = tmp_path / "broken"
     (broken / "original" / "val" / "cats").mkdir(parents=True)
-    result = _run_cli("--pretrained_weights", str(weights), *TINY, "--probe", str(linear), "--data_path", str(broken),
+    result = run_module("simpool.evaluation.run_background_robustness", "--pretrained_weights", str(weights), *TINY,
+                        "--probe", str(linear), "--data_path", str(broken),
                       "--output_dir", str(tmp_path / "o"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "cats: a class folder that is no IN-9 class" in result.stderr
@@ -192,26 +184,16 @@ def test_bad_input_is_one_error_line(tmp_path, in9, probe, capsys):
     assert error.startswith("error: --probe holds a head trained on other features") and error.count("\n") == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_result(tmp_path, in9, probe):
     weights, linear = probe
     # one image per forward pass in both runs: a batch's size may change a GEMM's rounding, not the protocol
     single = run_driver(weights, linear, in9, tmp_path / "single", "--variants", "original", "mixed_next",
                         "--batch_size_per_gpu", "1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "simpool.evaluation.run_background_robustness", "--pretrained_weights",
-               str(weights), *TINY, "--probe", str(linear), "--data_path", str(in9), "--variants", "original",
-               "mixed_next", "--image_size", "32", "--batch_size_per_gpu", "1", "--num_workers", "0", "--no_progress",
-               "--output_dir",
-               str(tmp_path / "ddp")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    flags = ["--pretrained_weights", str(weights), *TINY, "--probe", str(linear), "--data_path", str(in9),
+             "--variants", "original", "mixed_next", "--image_size", "32", "--batch_size_per_gpu", "1",
+             "--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path / "ddp")]
+    result = run_module("simpool.evaluation.run_background_robustness", *flags, launcher=torchrun())
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp" / "background_robustness.json").read_text())
     assert ddp["per_variant"] == single["per_variant"]

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from collections import deque
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from simpool.evaluation.localization import (
     wsol_box_iou,
 )
 from simpool.evaluation.run_localization import main
+from tests.helpers import run_module, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -320,19 +318,14 @@ def test_driver_result_equals_the_library_on_the_same_maps(tmp_path, wsol_data):
     assert result["per_map"]["map"]["max_box_acc"] == max_box_acc(np.stack(rows))["max_box_acc"]
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "simpool.evaluation.run_localization", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_bad_input_is_one_error_line(tmp_path, wsol_data, capsys):
     images, metadata = wsol_data
     broken = tmp_path / "meta"
     broken.mkdir()
     for name in ("image_ids.txt", "class_labels.txt", "image_sizes.txt"):
         (broken / name).write_text((metadata / name).read_text())
-    result = _run_cli("--random_init", "--data_path", str(images), "--metadata", str(broken), "--output_dir",
+    result = run_module("simpool.evaluation.run_localization", "--random_init", "--data_path", str(images),
+                        "--metadata", str(broken), "--output_dir",
                       str(tmp_path / "o"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
@@ -344,25 +337,16 @@ def test_bad_input_is_one_error_line(tmp_path, wsol_data, capsys):
     assert error.startswith("error: resnet18 in official mode") and "has no attention map" in error
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_result(tmp_path, wsol_data):
     weights = tiny_weights(tmp_path, "official")
     # one image per forward pass in both runs: a batch's size may change a GEMM's rounding, not the protocol
     single = run_driver(weights, wsol_data, tmp_path / "single", "official", "--batch_size_per_gpu", "1")
     images, metadata = wsol_data
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "simpool.evaluation.run_localization", "--pretrained_weights", str(weights),
-               *TINY, "--mode", "official", "--data_path", str(images), "--metadata", str(metadata), "--image_size",
-               "64", "--batch_size_per_gpu", "1", "--num_workers", "0", "--no_progress", "--output_dir",
-               str(tmp_path / "ddp")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    flags = ["--pretrained_weights", str(weights), *TINY, "--mode", "official", "--data_path", str(images),
+             "--metadata", str(metadata), "--image_size", "64", "--batch_size_per_gpu", "1", "--num_workers", "0",
+             "--no_progress", "--output_dir", str(tmp_path / "ddp")]
+    result = run_module("simpool.evaluation.run_localization", *flags, launcher=torchrun())
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp" / "localization.json").read_text())
     assert ddp["per_map"] == single["per_map"] and ddp["rows"] == single["rows"]

@@ -4,10 +4,6 @@ data in their distributed layouts, and the simpool-object-discovery driver (resu
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +20,7 @@ from simpool.data.voc_boxes import find_voc_root, read_voc_boxes
 from simpool.evaluation.attention_metrics import corloc
 from simpool.evaluation.object_discovery import corloc_summary, discover, padded_tensor
 from simpool.evaluation.run_object_discovery import main
+from tests.helpers import run_module, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--model_overrides", "depth=2", "embed_dim=48", "num_heads=3"]
@@ -167,14 +164,9 @@ def test_driver_on_coco20k_and_simpool_keys(tmp_path):
     assert own["lost_source"] == "simpool" and set(own["rows"]) == set(block["rows"])
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "simpool.evaluation.run_object_discovery", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_bad_input_is_one_error_line(tmp_path, voc, capsys):
-    result = _run_cli("--random_init", "--data_path", str(tmp_path), "--output_dir", str(tmp_path / "o"))
+    result = run_module("simpool.evaluation.run_object_discovery", "--random_init", "--data_path", str(tmp_path),
+                        "--output_dir", str(tmp_path / "o"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: --data_path") and "Annotations/" in result.stderr
     capsys.readouterr()
@@ -186,22 +178,13 @@ def test_bad_input_is_one_error_line(tmp_path, voc, capsys):
     assert error.startswith("error: --lost_features simpool") and error.count("\n") == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_result(tmp_path, voc):
     weights = tiny_weights(tmp_path, "official")
     single = run_driver(weights, tmp_path / "single", "official", "--data_path", str(voc))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "simpool.evaluation.run_object_discovery", "--pretrained_weights",
-               str(weights), *TINY, "--mode", "official", "--data_path", str(voc), "--num_workers", "0",
-               "--no_progress", "--output_dir", str(tmp_path / "ddp")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    flags = ["--pretrained_weights", str(weights), *TINY, "--mode", "official", "--data_path", str(voc),
+             "--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path / "ddp")]
+    result = run_module("simpool.evaluation.run_object_discovery", *flags, launcher=torchrun())
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp" / "object_discovery.json").read_text())
     assert ddp["corloc"] == single["corloc"] and ddp["rows"] == single["rows"]
