@@ -9,8 +9,15 @@
   (checkpoint, resume, logs) behind ``eval_linear.py``
 * :mod:`simpool.evaluation.attention_metrics`: Jaccard / CorLoc of attention maps against object masks
 * :mod:`simpool.evaluation.common`: the flags and set-up the command-line drivers share
+* DINO's other evaluators: :mod:`~simpool.evaluation.retrieval` (revisited Oxford/Paris; scores in
+  :mod:`~simpool.evaluation.revisited_map`), :mod:`~simpool.evaluation.copy_detection` (Copydays),
+  :mod:`~simpool.evaluation.video_segmentation` (DAVIS 2017; scores in :mod:`~simpool.evaluation.davis_metrics`),
+  over :mod:`~simpool.evaluation.backbone_view` (global feature + patch tokens of any backbone),
+  :mod:`~simpool.evaluation.search` (chunked cosine search) and :mod:`~simpool.evaluation.feature_cache`
 * drivers (``main(argv) -> exit code``, not imported here): :mod:`~simpool.evaluation.run_knn` (``eval_knn.py``),
-  :mod:`~simpool.evaluation.run_linear` (``eval_linear.py``), :mod:`~simpool.evaluation.attention`
+  :mod:`~simpool.evaluation.run_linear` (``eval_linear.py``), :mod:`~simpool.evaluation.attention`,
+  :mod:`~simpool.evaluation.run_retrieval`, :mod:`~simpool.evaluation.run_copy_detection`,
+  :mod:`~simpool.evaluation.run_video_segmentation`
 
 Example:
     >>> from simpool.data import build_labelled_splits

@@ -2,4 +2,8 @@
 items on real photos, with exact masks and boxes), so that every reader is tested on the files it will meet.
 
 * :mod:`simpool.data.generated.voc`: PASCAL VOC segmentation folders (``write_voc_style``)
+* :mod:`simpool.data.generated.revisitop`: revisited Oxford / Paris (``write_revisitop_style``)
+* :mod:`simpool.data.generated.copydays`: INRIA Copydays + distractors + whitening (``write_copydays_style``)
+* :mod:`simpool.data.generated.davis`: DAVIS 2017 videos (``write_davis_style``)
+* :mod:`simpool.data.generated.compose`: the photo crops and pasted items they share
 """
