@@ -159,12 +159,13 @@ def fill_caches(
     desc: str = "features",
 ) -> None:
     """Embed the items of ``dataset`` (``dataset[i]`` is an image tensor, ``ids[i]`` its id) that some cache lacks,
-    this rank's share of them, and put ``embed(images)[c]`` into ``caches[c]``; then gather (collective).
+    this rank's share of them, and put ``embed(images)[c]`` into ``caches[c]`` where it lacks them; then gather
+    (collective). Pass only the caches that miss something, so that ``embed`` computes nothing already cached.
 
     Batches hold items of equal ``size_key`` (None: all items stack, e.g. a fixed square size).
     """
-    todo_ids = set().union(*(cache.missing(ids) for cache in caches))
-    todo = [i for i, image_id in enumerate(ids) if image_id in todo_ids]
+    missing = [set(cache.missing(ids)) for cache in caches]
+    todo = [i for i, image_id in enumerate(ids) if any(image_id in m for m in missing)]
     mine = list(shard(todo))
     batches = same_key_batches(mine, size_key or (lambda _: 0), batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
@@ -172,8 +173,10 @@ def fill_caches(
     bar = tqdm(total=len(mine), desc=desc, disable=not is_main_process() or not mine, leave=False)
     for batch, images in zip(batches, loader, strict=True):
         outputs = embed(images.to(device, non_blocking=True))
-        for cache, features in zip(caches, outputs, strict=True):
-            cache.add([ids[i] for i in batch], features)
+        for cache, wanted, features in zip(caches, missing, outputs, strict=True):
+            rows = [k for k, i in enumerate(batch) if ids[i] in wanted]
+            if rows:
+                cache.add([ids[batch[k]] for k in rows], features[rows])
         bar.update(len(batch))
     bar.close()
     for cache in caches:

@@ -113,8 +113,11 @@ def _features(model, dataset: ThumbnailDataset, ids: list[str], name: str, cache
     """L2-normalised mean over ``scales`` of the cached per-scale features, embedding what is not cached."""
     caches = [FeatureCache(cache_root, f"{name}-s{scale:.4f}", {**identity, "scale": scale}).open()
               for scale in scales]
-    fill_caches(caches, dataset, ids, lambda images: multiscale_features(model, images, scales), device,
-                batch_size, num_workers, size_key=dataset.size_of, desc=name)
+    todo = [(scale, cache) for scale, cache in zip(scales, caches, strict=True) if cache.missing(ids)]
+    if todo:  # the same on every rank: all read the same cache
+        fill_caches([cache for _, cache in todo], dataset, ids,
+                    lambda images: multiscale_features(model, images, [scale for scale, _ in todo]), device,
+                    batch_size, num_workers, size_key=dataset.size_of, desc=name)
     return F.normalize(torch.stack([cache.features(ids) for cache in caches]).mean(dim=0), dim=1)
 
 
