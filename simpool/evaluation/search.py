@@ -1,8 +1,9 @@
 """Cosine search over a large database in bounded memory: the top k per query, and the positions of chosen items in
 each query's full ranking.
 
-Both walk the database in chunks of ``chunk_size`` rows, so the memory is O(queries x chunk) whatever the database
-size (1M distractors included), on whatever device the features are on. Why not faiss: its CPU index would move
+Both walk the database in chunks of at most ``chunk_size`` rows (fewer when there are many queries: a block of
+similarities stays near 2^24 floats), so the memory is bounded whatever the database size (1M distractors
+included), on whatever device the features are on. Why not faiss: its CPU index would move
 GPU features to the host, and an exact flat search is a matmul either way.
 
 The ranking is by decreasing similarity, ties broken by the smaller database index (a stable sort): the same
@@ -44,8 +45,9 @@ def topk_cosine(queries: torch.Tensor, database: torch.Tensor, k: int,
     k = min(k, database.shape[0])
     best_scores = queries.new_full((queries.shape[0], 0), float("-inf"))
     best_indices = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
-    for start in range(0, database.shape[0], chunk_size):
-        chunk = database[start:start + chunk_size].to(queries.device, queries.dtype)
+    step = max(1, min(chunk_size, (1 << 24) // max(1, queries.shape[0])))  # a (Q, step) block near 2^24 floats
+    for start in range(0, database.shape[0], step):
+        chunk = database[start:start + step].to(queries.device, queries.dtype)
         scores = torch.cat([best_scores, queries @ chunk.T], dim=1)
         indices = torch.cat([best_indices, torch.arange(start, start + chunk.shape[0], device=queries.device)
                              .expand(queries.shape[0], -1)], dim=1)

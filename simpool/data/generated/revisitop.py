@@ -63,12 +63,12 @@ def write_revisitop_style(folder: str | Path, name: str = "roxford5k", num_queri
     qimlist, boxes = [], []
     for q, index in enumerate(query_items):
         item, colour = fashion_item(int(index)), random_colour(rng)
-        image, box = _render(rng, _shape(q, long_side), item, colour, (0.5, 0.7))
+        image, box = _render(rng, _shape(q, long_side), item, colour, (0.6, 0.85))
         qimlist.append(f"query_{q:03d}")
         Image.fromarray(image).save(root / "jpg" / f"{qimlist[-1]}.jpg", quality=95)
         boxes.append(box)
         shifted = np.clip(colour + rng.uniform(-0.15, 0.15, 3), 0, 1)
-        for kind, count, kwargs in (("easy", easy, {"side_range": (0.45, 0.75)}),
+        for kind, count, kwargs in (("easy", easy, {"side_range": (0.6, 0.9)}),
                                     ("hard", hard, {"side_range": (0.25, 0.35), "mirror": True}),
                                     ("junk", junk, {"side_range": (0.1, 0.14)})):
             for k in range(count):
