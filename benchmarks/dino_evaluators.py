@@ -102,7 +102,8 @@ def dino_davis_scores(results: Path, data: Path) -> float:
     return summarize(per_video)["J&F-Mean"]
 
 
-def speed_part(root: Path, dino: Path, dino_path: str | None, n_db: int, frames: int) -> None:
+def speed_part(root: Path, dino: Path, dino_path: str | None, n_db: int, frames: int,
+               only: tuple[str, ...] = ("retrieval", "copy", "davis")) -> None:
     import torch
 
     from simpool.models import build_backbone
@@ -114,8 +115,16 @@ def speed_part(root: Path, dino: Path, dino_path: str | None, n_db: int, frames:
     torch.save(build_backbone("vit_small", mode="official", patch_size=16).state_dict(), weights)
     model = ["--pretrained_weights", str(weights), "--arch", "vit_small", "--mode", "official", "--patch_size", "16"]
     dino_model = ["--pretrained_weights", str(weights), "--arch", "vit_small", "--patch_size", "16"]
+    if "retrieval" in only:
+        _speed_retrieval(root, dino, model, dino_model, n_db + 10)
+    if "copy" in only:
+        _speed_copy(root, dino, model, dino_model)
+    if "davis" in only:
+        _speed_davis(root, dino, dino_path, model, dino_model, 2 * frames)
+
+
+def _speed_retrieval(root: Path, dino: Path, model: list[str], dino_model: list[str], n_ret: int) -> None:
     python = sys.executable
-    n_ret = n_db + 10
     t_ours, _ = ours("run_retrieval", [*model, "--data_path", str(root / "rev"), "--output_dir", str(root / "o_ret"),
                                        "--num_workers", "0", "--batch_size_per_gpu", "16"])
     t_dino, log = timed([python, "eval_image_retrieval.py", *dino_model, "--data_path", str(root / "rev"),
@@ -126,6 +135,10 @@ def speed_part(root: Path, dino: Path, dino_path: str | None, n_db: int, frames:
           f"DINO {t_dino:.1f} s ({100 * t_dino / n_ret:.2f} s/100 img), ratio {t_dino / t_ours:.2f}x; mAP M/H ours "
           f"{100 * ret['medium']['map']:.2f}/{100 * ret['hard']['map']:.2f}, DINO {dino_map[0]}/{dino_map[1]}",
           flush=True)
+
+
+def _speed_copy(root: Path, dino: Path, model: list[str], dino_model: list[str]) -> None:
+    python = sys.executable
     n_cd = sum(1 for _ in (root / "cd").rglob("*.jpg"))
     cd_flags = ["--data_path", str(root / "cd" / "copydays"), "--whitening_path", str(root / "cd" / "whitening"),
                 "--distractors_path", str(root / "cd" / "distractors"), "--num_workers", "0"]
@@ -136,7 +149,11 @@ def speed_part(root: Path, dino: Path, dino_path: str | None, n_db: int, frames:
     print(f"copy detection ({n_cd} images, imsize 320): ours {t_ours:.1f} s ({100 * t_ours / n_cd:.2f} s/100 img), "
           f"DINO {t_dino:.1f} s ({100 * t_dino / n_cd:.2f} s/100 img), ratio {t_dino / t_ours:.2f}x; strong mAP "
           f"ours {cd['map']['strong']:.3f} (centred whitening), DINO {dino_strong} (un-centred)", flush=True)
-    n_frames = 2 * frames
+
+
+def _speed_davis(root: Path, dino: Path, dino_path: str | None, model: list[str], dino_model: list[str],
+                 n_frames: int) -> None:
+    python = sys.executable
     t_ours, _ = ours("run_video_segmentation", [*model, "--data_path", str(root / "davis"), "--output_dir",
                                                 str(root / "o_davis")])
     t_dino, _ = timed([python, "eval_video_segmentation.py", *dino_model, "--data_path", str(root / "davis"),
@@ -154,6 +171,8 @@ def main() -> None:
     parser.add_argument("--dino_pythonpath", default=None, help="extra PYTHONPATH for DINO's scripts (cv2)")
     parser.add_argument("--database", type=int, default=200, help="speed: revisitop database images")
     parser.add_argument("--frames", type=int, default=8, help="speed: frames per DAVIS video (2 videos)")
+    parser.add_argument("--only", nargs="+", default=["retrieval", "copy", "davis"],
+                        choices=["retrieval", "copy", "davis"], help="speed: which evaluators")
     parser.add_argument("--work", type=Path, default=None, help="folder for the generated data (default: a temp dir)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,7 +180,7 @@ def main() -> None:
         if args.part == "scores":
             score_part(root)
         else:
-            speed_part(root, args.dino_repo, args.dino_pythonpath, args.database, args.frames)
+            speed_part(root, args.dino_repo, args.dino_pythonpath, args.database, args.frames, tuple(args.only))
 
 
 if __name__ == "__main__":

@@ -83,6 +83,11 @@ def boundary_f_measure(segmentation: np.ndarray, annotation: np.ndarray, void: n
     if n_seg == 0 or n_gt == 0:
         return 0.0  # (P, R) = (1, 0) or (0, 1): F = 0
     radius = int(bound_pix)
+    # only the boundaries' bounding box (plus the radius) can change the counts: dilate that crop
+    ys, xs = np.nonzero(seg_boundary | gt_boundary)
+    y0, y1 = max(0, ys.min() - radius), ys.max() + radius + 1
+    x0, x1 = max(0, xs.min() - radius), xs.max() + radius + 1
+    seg_boundary, gt_boundary = seg_boundary[y0:y1, x0:x1], gt_boundary[y0:y1, x0:x1]
     precision = (seg_boundary & _dilate(gt_boundary, radius)).sum() / n_seg
     recall = (gt_boundary & _dilate(seg_boundary, radius)).sum() / n_gt
     return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
