@@ -4,6 +4,8 @@ cases), Copydays' ground truth, and the driver end to end on generated Copydays 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +176,27 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
                              "--data_path", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert len(result.stderr.strip().splitlines()) == 1 and "holds no .jpg images" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_single_process_result(copydays, tmp_path):
+    flags = ["--random_init", *TINY, "--data_path", str(copydays / "copydays"), "--imsize", "64",
+             "--whitening_path", str(copydays / "whitening"), "--distractors_path", str(copydays / "distractors")]
+    assert cli.main([*flags, "--output_dir", str(tmp_path / "one")]) == 0
+    single = json.loads((tmp_path / "one" / "copy_detection.json").read_text())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "simpool.evaluation.run_copy_detection", *flags, "--output_dir",
+               str(tmp_path / "two")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "copy_detection.json").read_text())
+    for block, value in single["map"].items():
+        assert two["map"][block] == pytest.approx(value, abs=1e-6)

@@ -236,6 +236,14 @@ def test_driver_matches_a_naive_pipeline_and_reuses_its_cache(revisitop, tmp_pat
     assert multi["multiscale"] is True
     cropped = run([*flags[:-4], "--crop_queries", "True", "--output_dir", str(tmp_path / "crop")])
     assert cropped["crop_queries"] is True
+    # distractors join the database: positives can only move down the ranking
+    distractors = tmp_path / "distractors"
+    distractors.mkdir()
+    for name in data.imlist[:5]:
+        (distractors / f"{name}.jpg").write_bytes(data.image_path(name).read_bytes())
+    extended = run([*flags[:-2], "--distractors_path", str(distractors), "--output_dir", str(out)])
+    assert extended["database_size"] == len(data.imlist) + 5 and extended["num_distractors"] == 5
+    assert extended["medium"]["map"] <= result["medium"]["map"] + 1e-9
 
 
 @needs_fashion

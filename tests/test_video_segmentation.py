@@ -115,6 +115,7 @@ def test_frame_size_is_dinos():
     assert frame_size(854, 480) == (832, 480)
     assert frame_size(96, 160, short_side=64) == (64, 64)  # 106.7 rounds down to 64
     assert frame_size(100, 100, short_side=96) == (96, 64)
+    assert frame_size(100, 100, short_side=32) == (32, 64)  # never below one multiple of 64
 
 
 def test_neighborhood_mask_equals_dinos_loops():

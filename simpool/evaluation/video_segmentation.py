@@ -61,10 +61,10 @@ def davis_palette() -> list[int]:
 def frame_size(height: int, width: int, short_side: int = 480) -> tuple[int, int]:
     """(h, w) a frame is resized to: the short side to ``short_side``, the long side proportional, rounded down to
     a multiple of 64 (DINO's ``read_frame``; for a square frame the width is the long side, and the annotation uses
-    the same size -- DINO's ``read_seg`` swaps the two for square frames)."""
+    the same size -- DINO's ``read_seg`` swaps the two for square frames; never below 64)."""
     if height > width:
-        return int(short_side * height / width // 64 * 64), short_side
-    return short_side, int(short_side * width / height // 64 * 64)
+        return max(64, int(short_side * height / width // 64 * 64)), short_side
+    return short_side, max(64, int(short_side * width / height // 64 * 64))
 
 
 def load_frame(path: str | os.PathLike, short_side: int = 480) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -154,6 +154,8 @@ def segment_video(
     """Yield (frame name, (H, W) uint8 object ids) for frames 1, 2, ... (frame 0 is the given annotation)."""
     device = torch.device(device)
     stride = model_stride(model)
+    # void (255) is no object to follow: background, as davis2017-evaluation counts it (DINO would make 256 channels)
+    first_annotation = np.where(first_annotation == 255, 0, first_annotation).astype(np.uint8)
     num_objects = int(first_annotation.max()) + 1
     context: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=n_last_frames)
     first = mask = None
