@@ -9,6 +9,10 @@
 * :mod:`simpool.data.masks`: images with object masks / boxes (VOC-style folders, COCO-style JSON) for scoring
   attention maps, and ``mask_to_box``
 * :mod:`simpool.data.fashion_on_photos`: Fashion-MNIST items pasted on photos, with exact object masks (offline)
+* readers of DINO's other evaluation sets: :mod:`simpool.data.revisitop` (revisited Oxford / Paris, the restricted
+  unpickler of their ground truth), :mod:`simpool.data.copydays`, :mod:`simpool.data.davis` (DAVIS 2017)
+* :mod:`simpool.data.generated`: writers of evaluation data in their authors' layouts (VOC, revisitop, Copydays,
+  DAVIS) from fashion-on-photos
 """
 
 from simpool.data.build import build_dataset, build_labelled_splits, dataset_fingerprint
