@@ -15,7 +15,10 @@
 * :mod:`simpool.data.fashion_on_photos`: Fashion-MNIST items pasted on photos, with exact object masks (offline)
 * boxes and classes in their authors' layouts: :mod:`simpool.data.wsol` (wsolevaluation metadata),
   :mod:`simpool.data.voc_boxes` (VOC ``Annotations/``), :mod:`simpool.data.coco20k`, :mod:`simpool.data.bg_challenge`
-  (ImageNet-9 variants); writers of such data in :mod:`simpool.data.generated`
+  (ImageNet-9 variants)
+* readers of DINO's other evaluation sets: :mod:`simpool.data.revisitop` (revisited Oxford / Paris, the restricted
+  unpickler of their ground truth), :mod:`simpool.data.copydays`, :mod:`simpool.data.davis` (DAVIS 2017)
+* :mod:`simpool.data.generated`: writers of evaluation data in all those layouts from fashion-on-photos
 """
 
 from simpool.data.build import SourceOptions, build_dataset, build_labelled_splits, dataset_fingerprint

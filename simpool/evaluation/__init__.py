@@ -13,11 +13,16 @@
 * SimPool's own tables: :mod:`~simpool.evaluation.localization` (MaxBoxAccV2, wsolevaluation),
   :mod:`~simpool.evaluation.lost` and :mod:`~simpool.evaluation.object_discovery` (LOST and DINO-seg CorLoc),
   :mod:`~simpool.evaluation.background_robustness` (ImageNet-9 variants); :mod:`~simpool.evaluation.box_figures`
+* DINO's other evaluators: :mod:`~simpool.evaluation.retrieval` (revisited Oxford/Paris; scores in
+  :mod:`~simpool.evaluation.revisited_map`), :mod:`~simpool.evaluation.copy_detection` (Copydays),
+  :mod:`~simpool.evaluation.video_segmentation` (DAVIS 2017; scores in :mod:`~simpool.evaluation.davis_metrics`),
+  over :mod:`~simpool.evaluation.backbone_view` (global feature + patch tokens of any backbone),
+  :mod:`~simpool.evaluation.search` (chunked cosine search) and :mod:`~simpool.evaluation.feature_cache`
 * :mod:`simpool.evaluation.common`: the data flags and frozen-model set-up the command lines share
 * command lines (``run_*.py``, ``main(argv) -> exit code``, not imported here): ``run_knn`` (``eval_knn.py``),
   ``run_linear`` (``eval_linear.py``), ``run_attention``, ``run_segmentation``, ``run_localization``,
-  ``run_object_discovery``, ``run_background_robustness`` (each of the last three with a library-level
-  ``run_<x>(...) -> dict``)
+  ``run_object_discovery``, ``run_background_robustness``, ``run_retrieval``, ``run_copy_detection``,
+  ``run_video_segmentation`` (each of the last six with a library-level ``run_<x>(...) -> dict``)
 
 Example:
     >>> from simpool.data import build_labelled_splits

@@ -6,4 +6,8 @@ items on real photos, with exact masks and boxes), so that every reader is teste
 * :mod:`simpool.data.generated.coco20k`: COCO train2014 images + instances JSON + LOST's 20k file list
 * :mod:`simpool.data.generated.wsol`: clovaai/wsolevaluation's metadata files + images (CUB / ImageNet layout)
 * :mod:`simpool.data.generated.bg_challenge`: ImageNet-9 and its background variants (backgrounds challenge)
+* :mod:`simpool.data.generated.revisitop`: revisited Oxford / Paris (``write_revisitop_style``)
+* :mod:`simpool.data.generated.copydays`: INRIA Copydays + distractors + whitening (``write_copydays_style``)
+* :mod:`simpool.data.generated.davis`: DAVIS 2017 videos (``write_davis_style``)
+* :mod:`simpool.data.generated.compose`: the photo crops and pasted items they share
 """
