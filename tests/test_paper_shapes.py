@@ -34,7 +34,12 @@ from PIL import Image
 from simpool.data.generated.image_folder import image_folder_class_names, write_image_folder
 from tests.conftest import FIXTURE_DIRS, REPO
 
-onnxruntime = pytest.importorskip("onnxruntime", reason="the [onnx] extra: pip install -e '.[onnx]'")
+try:
+    import onnxruntime
+except ImportError:  # the [onnx] extra; `make install` (and so CI) installs it, where a skip would hide a gap
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("onnxruntime is not installed: pip install -e '.[onnx]'", allow_module_level=True)
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [
