@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install test test-slow lint demo bench clean
+.PHONY: install test test-paper test-slow lint demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ lint: $(STAMP)
 test: $(STAMP) $(FMNIST)/train-images-idx3-ubyte.gz
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The paper's networks at 224 px through every command-line tool (tests/test_paper_shapes.py): ~8 min on 2 cores.
+test-paper: $(STAMP) $(FMNIST)/train-images-idx3-ubyte.gz
+	$(PY) -m pytest -q -m paper tests/test_paper_shapes.py
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

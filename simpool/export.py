@@ -228,11 +228,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int | Non
 
     Traced by ``torch.onnx.export`` (the TorchScript exporter, ``dynamo=False``: the dynamo one needs onnxscript,
     which this project does not depend on) at ``image_size`` (default: the ViT's ``img_size`` or 224) in eval mode,
-    opset 17, checked with ``onnx.checker``. ViT position embeddings are resampled inside the graph for any grid:
-    timm's resampler skips its "same size" shortcut while exporting, and bicubic resampling to the same grid is the
-    identity. Weights trained by the reference code (``pos_embed_resampling == "reference"``) resample with a
-    size-dependent ``scale_factor`` that the traced graph cannot take from the input shape: they are exported for
-    ``image_size`` only (dynamic batch, fixed height and width) and a warning says so. Returns ``path``.
+    opset 17, checked with ``onnx.checker``. ViT position embeddings are resampled inside the graph for the input's
+    grid, by either rule (:mod:`simpool.models.pos_embed`): weights trained by the reference code compute their
+    size-dependent ``scale_factor`` from the input's height and width in the graph. Returns ``path``.
 
     Example:
         >>> export_onnx(load_backbone("exports/vits"), "exports/vits/model.onnx")
@@ -246,10 +244,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int | Non
 
     size = image_size or getattr(model, "build_kwargs", {}).get("img_size", 224)
     axes = {0: "batch", 2: "height", 3: "width"}
-    if getattr(model, "pos_embed_resampling", "exact") == "reference":
-        axes = {0: "batch"}
-        log.warning("reference-trained ViT weights resample their position embeddings by a size-dependent "
-                    "scale_factor: %s takes %dx%d images only (dynamic batch)", path, size, size)
     device = next(model.parameters()).device
     example = torch.randn(1, 3, size, size, device=device)
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from simpool.checkpoint import LoadedCheckpoint, args_as_dict, load_backbone_weights, load_pretrained, safe_load
-from simpool.models import AUTO_GAMMA, PooledBackbone, build_backbone
+from simpool.models import AUTO_GAMMA, PooledBackbone, arch_family, build_backbone, is_known_arch
 
 __all__ = [
     "CONFIG_FILE", "EXPORT_FORMAT", "EXPORT_VERSION", "FROM_CHECKPOINT", "WEIGHTS_FILE", "ModelSource",
@@ -133,7 +133,9 @@ def load_model(
             )
         model = load_backbone(weights)
         return model, ModelSource(str(weights), model.arch, model.mode, model.gamma)
-    model = _build(_recorded_args(weights), str(weights), **flags)
+    recorded = _recorded_args(weights)
+    _check_arch_fits_the_run(arch, recorded.get("arch"), recorded.get("mode", "official"), str(weights))
+    model = _build(recorded, str(weights), **flags)
     loaded = load_pretrained(model, weights, checkpoint_key=checkpoint_key)
     return model.eval(), ModelSource(str(weights), model.arch, model.mode, model.gamma, loaded)
 
@@ -171,11 +173,33 @@ def _build(recorded: dict[str, Any], source: str, arch: str | None, mode: str | 
         gamma = recorded.get("gamma", AUTO_GAMMA)
     patch_size = int(patch_size or recorded.get("patch_size") or 16)
     # An inference copy: no stochastic depth unless asked for (a no-op in eval mode, but export records it).
-    kwargs = {"drop_path_rate": 0.0, **dict(recorded.get("model_overrides") or {}), **overrides}
-    model = build_backbone(arch, mode=mode, gamma=gamma, patch_size=patch_size, **kwargs)
+    recorded_overrides = dict(recorded.get("model_overrides") or {})
+    kwargs = {"drop_path_rate": 0.0, **recorded_overrides, **overrides}
+    try:
+        model = build_backbone(arch, mode=mode, gamma=gamma, patch_size=patch_size, **kwargs)
+    except TypeError as err:  # a keyword the model does not take: say whose it is instead of a traceback
+        whose = {k: ("--model_overrides" if k in overrides else "the run's model_overrides")
+                 for k in kwargs if k in overrides or k in recorded_overrides}
+        raise ValueError(f"cannot build {arch} for {source} ({err}); keywords given: "
+                         f"{', '.join(f'{k} ({w})' for k, w in whose.items()) or 'none'}: "
+                         "drop the ones this arch does not take") from None
     if recorded.get("pos_embed_resampling") and hasattr(model, "pos_embed_resampling"):
         model.pos_embed_resampling = recorded["pos_embed_resampling"]  # a run that kept the reference's rule
     return model
+
+
+def _check_arch_fits_the_run(arch: str | None, recorded_arch: str | None, recorded_mode: str, source: str) -> None:
+    """--arch of another family than the run's (a ResNet for ViT weights) can never load: say so before building.
+
+    Names this simpool does not know (DINO's ``deit_small``) are left to the weight check, which names the keys.
+    """
+    if not arch or not recorded_arch or arch == recorded_arch:
+        return
+    if not (is_known_arch(arch) and is_known_arch(recorded_arch)) or arch_family(arch) == arch_family(recorded_arch):
+        return
+    raise ValueError(f"the weights in {source} are a {recorded_arch} ({recorded_mode} mode, as their training args "
+                     f"record); --arch {arch} does not fit them: drop --arch to load the {recorded_arch}, or pass "
+                     f"weights of a {arch}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,16 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY_CONVNEXT, TINY_RESNET, TINY_VIT  # noqa: F401 - test_reference_parity reads them here
-
-FIXTURE_DIRS = [
-    Path(os.environ.get("SIMPOOL_FIXTURES", REPO / "tests" / "fixtures" / "reference")),
-    REPO.parent / "shared" / "fixtures" / "reference",
-]
+from tests.helpers import FIXTURE_DIRS, TINY_CONVNEXT, TINY_RESNET, TINY_VIT  # noqa: F401 - test_reference_parity reads them here
 
 # One intra-op thread: tiny tensors gain nothing from more, CPU results become bitwise reproducible, and
 # OpenMP threads spinning against other processes on a busy 2-core machine can slow a test 20-fold.
 torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:

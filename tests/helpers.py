@@ -20,6 +20,11 @@ from PIL import Image
 from simpool.models import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
+# Checkpoints written by the reference code and the features it computes (../shared beside the repository).
+FIXTURE_DIRS = [
+    Path(os.environ.get("SIMPOOL_FIXTURES", REPO / "tests" / "fixtures" / "reference")),
+    REPO.parent / "shared" / "fixtures" / "reference",
+]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
                                    reason="Debian package dataset-fashion-mnist is not installed")

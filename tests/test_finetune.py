@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from simpool.checkpoint import FORMAT_KEY, FORMAT_VERSION
 from simpool.cli.run_export import main as export_main
 from simpool.finetune.config import parse_finetune_args
 from simpool.finetune.data import labelled_splits, val_loader
@@ -20,6 +21,7 @@ from simpool.finetune.engine import evaluate
 from simpool.finetune.model import build_finetune_model, load_finetuned, rebuild_from_record
 from simpool.finetune.run_finetune import main
 from simpool.loading import load_model, read_export_config
+from simpool.models import build_backbone
 from tests.helpers import REPO, free_port, needs_fashion
 
 MODEL = ["--random_init", "--arch", "vit_tiny", "--mode", "simpool", "--patch_size", "7",
@@ -124,8 +126,22 @@ def test_two_gloo_processes_train_and_evaluate_every_val_image_once(tmp_path):
     assert logged["val_top1"] == pytest.approx(single["top1"]) and logged["val_top5"] == pytest.approx(single["top5"])
 
 
+def _vit_run_checkpoint(path: Path) -> Path:
+    """A train_dino.py-shaped checkpoint of a ViT whose run recorded ViT-only model_overrides (depth, img_size)."""
+    overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 32}
+    backbone = {f"backbone.{k}": v for k, v in
+                build_backbone("vit_tiny", mode="simpool", patch_size=16, **overrides).state_dict().items()}
+    torch.save({FORMAT_KEY: FORMAT_VERSION, "teacher": backbone, "student": backbone, "epoch": 1,
+                "args": {"arch": "vit_tiny", "mode": "simpool", "gamma": 1.25, "patch_size": 16,
+                         "model_overrides": overrides}}, path)
+    return path
+
+
 @pytest.mark.parametrize(("case", "message"), [
     ("wrong_arch", "weights do not fit"),
+    # once a TypeError traceback (ResNet.__init__() got an unexpected keyword argument 'depth')
+    ("arch_of_another_family", "are a vit_tiny (simpool mode, as their training args record); --arch resnet18 "
+                               "does not fit them: drop --arch"),
     ("val_classes", "have different class folders"),
     ("big_batch", "fewer than one global batch"),
     ("one_class", "mixup / cutmix blend labels of two classes"),
@@ -138,7 +154,9 @@ def test_bad_input_exits_2_before_anything_is_written(reference_dir, tmp_path, c
     data = {"val_classes": _folder(tmp_path / "other", ["a", "b"], ["a", "c"]),
             "one_class": _folder(tmp_path / "one", ["a"], ["a"])}.get(case, two)
     model = {"wrong_arch": [*REF_VIT, "--pretrained_weights", str(reference_dir / "resnet_simpool_teacher.pth")],
-             "no_weights": REF_VIT}.get(case, MODEL)
+             "no_weights": REF_VIT,
+             "arch_of_another_family": ["--pretrained_weights", str(_vit_run_checkpoint(tmp_path / "vit.pth")),
+                                        "--arch", "resnet18"]}.get(case, MODEL)
     extra = {"big_batch": ["--batch_size_per_gpu", "8"], "odd_batch": ["--batch_size_per_gpu", "3"],
              "bad_opt": ["--opt", "adamv"]}.get(case, ["--batch_size_per_gpu", "2"])
     out = tmp_path / "run"

@@ -94,3 +94,17 @@ def test_random_init_is_the_same_network_in_every_process():
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
     assert any(not torch.equal(x, z) for x, z in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_arch_of_another_family_than_the_run_is_named_not_a_type_error(tmp_path):
+    write_training_checkpoint(tmp_path / "c.pth", "vit_tiny", "simpool", {**TINY_VIT, "depth": 1})
+    with pytest.raises(ValueError, match=r"are a vit_tiny \(simpool mode.*--arch resnet18 does not fit them"):
+        load_model(tmp_path / "c.pth", arch="resnet18")
+    write_training_checkpoint(tmp_path / "r.pth", "resnet18", "simpool", {"layers": (1, 1, 1, 1)})
+    with pytest.raises(ValueError, match=r"are a resnet18 \(simpool mode.*--arch convnext_tiny does not fit"):
+        load_model(tmp_path / "r.pth", arch="convnext_tiny")
+
+
+def test_model_overrides_an_arch_does_not_take_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot build resnet18 .*depth \(--model_overrides\)"):
+        load_model(random_init=True, arch="resnet18", mode="simpool", depth=2)

@@ -60,13 +60,50 @@ def test_onnxruntime_matches_torch_at_two_sizes(case, tmp_path, capsys):
         assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-def test_reference_vit_weights_export_at_their_traced_size(reference_dir, tmp_path, capsys):
+def assert_onnx_matches(model, path, shapes):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    for shape in shapes:
+        images = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(images).numpy()
+        got = session.run(None, {"images": images.numpy()})[0]
+        assert got.shape == expected.shape == (shape[0], model.embed_dim)
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), shape
+
+
+# Reference-rule ViTs (weights written by DINO / the SimPool fork) resample by a scale computed from the input size:
+# simpool mode even at the trained 224 px, official mode everywhere but there. A backbone-only file is read as such
+# weights too (a ViT-S/16 backbone file ended in a TypeError from upsample_bicubic2d while tracing).
+REFERENCE_VITS = {
+    "simpool_checkpoint": ("vit_simpool_dino_checkpoint.pth", []),
+    "official_backbone": ("vit_official_backbone.pth", ["--arch", "vit_tiny", "--mode", "official"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REFERENCE_VITS))
+def test_reference_vit_weights_export_with_dynamic_height_and_width(case, reference_dir, tmp_path, capsys):
+    name, flags = REFERENCE_VITS[case]
     out = tmp_path / "export"
-    code = main([str(reference_dir / "vit_official_backbone.pth"), str(out), "--arch", "vit_tiny", "--mode",
-                 "official", "--model_overrides", *overrides(TINY_VIT), "--onnx"])
+    code = main([str(reference_dir / name), str(out), *flags, "--model_overrides", *overrides(TINY_VIT), "--onnx"])
     assert code == 0, capsys.readouterr().err
-    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert session.get_inputs()[0].shape == ["batch", 3, 224, 224]
+    model = load_backbone(out)
+    assert model.pos_embed_resampling == "reference"
+    assert_onnx_matches(model, out / "model.onnx", [(2, 3, 224, 224), (1, 3, 160, 224), (1, 3, 96, 96)])
+
+
+def test_vit_traced_at_its_trained_size_runs_at_other_sizes(tmp_path, capsys):
+    """Traced at the grid its embeddings have (224 px, patch 16), the graph must still resample at other sizes: timm's
+    same-size shortcut once froze it ("Attempting to broadcast an axis by a dimension other than 1. 150 by 196")."""
+    weights = tmp_path / "checkpoint.pth"
+    backbone = build_backbone("vit_tiny", mode="simpool", depth=1).state_dict()
+    torch.save({FORMAT_KEY: FORMAT_VERSION, "teacher": {f"backbone.{k}": v for k, v in backbone.items()}}, weights)
+    out = tmp_path / "export"
+    code = main([str(weights), str(out), "--arch", "vit_tiny", "--mode", "simpool", "--model_overrides", "depth=1",
+                 "--onnx"])
+    assert code == 0, capsys.readouterr().err
+    assert "at 224x224 and 160x240" in capsys.readouterr().out
+    assert_onnx_matches(load_backbone(out), out / "model.onnx", [(1, 3, 224, 224), (2, 3, 160, 224)])
 
 
 SHIM = "raise ImportError(\"No module named 'onnx' (hidden by the test)\")\n"

@@ -48,8 +48,6 @@ def write_onnx(out, image_size: int | None) -> None:
     side = image_size or model.build_kwargs.get("img_size", 224)
     stride = model_stride(model)
     other = (max(stride, side * 3 // 4 // stride * stride), side + stride)  # another, non-square size
-    if getattr(model, "pos_embed_resampling", "exact") == "reference":
-        other = (side, side)  # exported for its traced size only (see export_onnx)
     error = onnx_max_relative_error(model, path, [(2, 3, side, side), (1, 3, *other)])
     print(f"wrote {path}: onnxruntime matches torch to {error:.1e} (max relative) at {side}x{side} and "
           f"{other[0]}x{other[1]}")

@@ -18,23 +18,22 @@ Position embeddings for another input size (local crops, 96 px) are resampled bi
   not exist (``npatch = tokens - 1`` never equals N without one; about 9% relative change at 224 px). Released
   SimPool ViT weights were trained that way. ``simpool.load_pretrained`` switches a model to this rule when it
   loads a reference checkpoint.
+
+Both rules are in :mod:`simpool.models.pos_embed`, which also keeps them functions of the input size in a traced
+(ONNX) graph.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 from simpool.models.base import PooledBackbone, check_mode
+from simpool.models.pos_embed import POS_EMBED_RESAMPLING, resample_patch_pos_embed
 from simpool.pooling import pooled_attention_grid
-
-POS_EMBED_RESAMPLING = ("exact", "reference")
 
 
 class SimPoolViT(VisionTransformer, PooledBackbone):
@@ -87,22 +86,8 @@ class SimPoolViT(VisionTransformer, PooledBackbone):
 
     def patch_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """Position embeddings of the patch tokens for a grid_h x grid_w grid, shape (1, grid_h * grid_w, d)."""
-        prefix = self.num_prefix_tokens
-        patch_pe = self.pos_embed[:, prefix:]
-        side = int(math.sqrt(patch_pe.shape[1]))
-        if self.pos_embed_resampling == "exact":
-            # plain bicubic, as our models are trained: timm's default antialias changes grids that shrink (96 px crops)
-            return resample_abs_pos_embed(patch_pe, new_size=[grid_h, grid_w], old_size=[side, side],
-                                          num_prefix_tokens=0, interpolation="bicubic", antialias=False)
-        if self.mode == "official" and grid_h * grid_w == side * side and grid_h == grid_w:
-            return patch_pe  # the reference's "nothing to do" test, which only official mode (with [CLS]) passes
-        # Ours, not timm's: the reference samples at a scale_factor of (h + 0.1) / s, which no target size gives.
-        grid = patch_pe.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side), mode="bicubic",
-                             align_corners=False)
-        if grid.shape[-2:] != (grid_h, grid_w):
-            raise RuntimeError(f"position embeddings resampled to {tuple(grid.shape[-2:])}, not {(grid_h, grid_w)}")
-        return grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        return resample_patch_pos_embed(self.pos_embed[:, self.num_prefix_tokens:], grid_h, grid_w,
+                                        rule=self.pos_embed_resampling, official=self.mode == "official")
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         batch, grid_h, grid_w, dim = x.shape  # dynamic_img_size: patch_embed returns NHWC

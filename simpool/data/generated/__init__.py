@@ -10,4 +10,5 @@ items on real photos, with exact masks and boxes), so that every reader is teste
 * :mod:`simpool.data.generated.copydays`: INRIA Copydays + distractors + whitening (``write_copydays_style``)
 * :mod:`simpool.data.generated.davis`: DAVIS 2017 videos (``write_davis_style``)
 * :mod:`simpool.data.generated.compose`: the photo crops and pasted items they share
+* :mod:`simpool.data.generated.image_folder`: ImageFolder class folders, ``train/`` + ``val/`` (``write_image_folder``)
 """
