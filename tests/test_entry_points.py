@@ -16,7 +16,7 @@ SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scrip
 def test_the_tools_have_entry_points():
     expected = {"simpool-train", "simpool-eval-knn", "simpool-eval-linear", "simpool-export", "simpool-visualize",
                 "simpool-attention", "simpool-localization", "simpool-object-discovery",
-                "simpool-background-robustness"}
+                "simpool-background-robustness", "simpool-benchmark"}
     assert expected <= set(SCRIPTS)
 
 
