@@ -393,6 +393,15 @@ def test_plan_passes_each_driver_its_options(root, official, tmp_path):
     assert [c.status for c in cells] == ["pending"] * 8
 
 
+def test_plan_prints_the_commands_and_writes_nothing(root, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code, stdout, _ = run(capsys, "--weights", DEMO, "--suite", suite_file(tmp_path, {"loc": LOC, "voc": VOC}),
+                          "--data_root", root, "--output_dir", out, "--plan")
+    assert code == 0 and not out.exists()
+    assert "demo_backbone / loc: pending" in stdout
+    assert f"-m simpool.evaluation.run_localization --pretrained_weights {DEMO} --checkpoint_key teacher" in stdout
+
+
 def test_generated_root_is_in_each_authors_layout(root):
     assert len(read_wsol(root / "CUB_200_2011/images", root / "wsolevaluation/metadata/CUB/test")) == 6
     assert len(read_wsol(root / "ILSVRC", root / "wsolevaluation/metadata/ILSVRC/test")) == 6
@@ -401,3 +410,21 @@ def test_generated_root_is_in_each_authors_layout(root):
         assert len(os.listdir(root / "imagenet" / split)) == 9
     with pytest.raises(ValueError, match="unknown data sets"):
         write_benchmark_root(root, datasets=["voc2007"])
+
+
+@pytest.mark.slow
+def test_each_evaluator_under_torchrun(root, tmp_path, capsys, monkeypatch):
+    """--nproc_per_node 2: each cell is its own torchrun (2 gloo processes), with the numbers of one process."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    suite = suite_file(tmp_path, {"loc": LOC, "voc": VOC})
+    values = {}
+    for launch in ([], ["--nproc_per_node", "2"]):
+        out = tmp_path / f"bench{len(launch)}"
+        code, _, err = run(capsys, "--weights", DEMO, "--suite", suite, "--data_root", root, "--output_dir", out,
+                           "--batch_size_per_gpu", "1", *OPTIONS, *launch)
+        assert code == 0, err
+        values[len(launch)] = json.loads((out / "benchmark.json").read_text())["rows"][0]["values"]
+    assert values[0] == values[2]
+    assert json.loads((tmp_path / "bench2" / "demo_backbone" / "loc" / CELL_FILE).read_text())["status"] == "ran"
+    assert len(list((tmp_path / "bench2" / "demo_backbone" / "loc").glob("localization.rank*.jsonl"))) == 2

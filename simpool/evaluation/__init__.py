@@ -14,6 +14,10 @@
   :mod:`~simpool.evaluation.lost` and :mod:`~simpool.evaluation.object_discovery` (LOST and DINO-seg CorLoc),
   :mod:`~simpool.evaluation.background_robustness` (ImageNet-9 variants); :mod:`~simpool.evaluation.box_figures`
 * :mod:`simpool.evaluation.common`: the data flags and frozen-model set-up the command lines share
+* ``simpool-benchmark`` (``run_benchmark``, over the drivers): :mod:`~simpool.evaluation.benchmark_registry` (the
+  evaluators it knows: data flags, result file, table columns), :mod:`~simpool.evaluation.benchmark_suite` (the
+  suite YAML), :mod:`~simpool.evaluation.benchmark_rows` (weights and random-init twins),
+  :mod:`~simpool.evaluation.benchmark` (cells: skip, resume, run), :mod:`~simpool.evaluation.benchmark_table`
 * command lines (``run_*.py``, ``main(argv) -> exit code``, not imported here): ``run_knn`` (``eval_knn.py``),
   ``run_linear`` (``eval_linear.py``), ``run_attention``, ``run_segmentation``, ``run_localization``,
   ``run_object_discovery``, ``run_background_robustness`` (each of the last three with a library-level

@@ -6,4 +6,6 @@ items on real photos, with exact masks and boxes), so that every reader is teste
 * :mod:`simpool.data.generated.coco20k`: COCO train2014 images + instances JSON + LOST's 20k file list
 * :mod:`simpool.data.generated.wsol`: clovaai/wsolevaluation's metadata files + images (CUB / ImageNet layout)
 * :mod:`simpool.data.generated.bg_challenge`: ImageNet-9 and its background variants (backgrounds challenge)
+* :mod:`simpool.data.generated.benchmark_root`: all of them (and an IN-9-class ImageFolder for k-NN and the probe)
+  under one root, where ``configs/benchmark_paper.yaml`` looks for each
 """
