@@ -17,7 +17,7 @@ def test_the_tools_have_entry_points():
     expected = {"simpool-train", "simpool-eval-knn", "simpool-eval-linear", "simpool-export", "simpool-visualize",
                 "simpool-attention", "simpool-localization", "simpool-object-discovery",
                 "simpool-background-robustness", "simpool-retrieval", "simpool-copy-detection",
-                "simpool-video-segmentation"}
+                "simpool-video-segmentation", "simpool-benchmark"}
     assert expected <= set(SCRIPTS)
 
 

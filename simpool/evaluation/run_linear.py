@@ -20,7 +20,8 @@ Beyond the reference:
   augmented protocol.
 
 Files in ``--output_dir``: ``checkpoint.pth.tar`` (heads, optimizer and scheduler state, written atomically
-every epoch; a rerun with the same flags resumes from it exactly), ``log.txt`` (one JSON line per epoch).
+every epoch; a rerun with the same flags resumes from it exactly), ``log.txt`` (one JSON line per epoch) and, once
+the last epoch is done, ``linear.json`` (the best top-1 over epochs per lr and overall, the data set sizes).
 ``--evaluate`` only evaluates the saved heads. The training itself is :mod:`simpool.evaluation.linear` and
 :mod:`simpool.evaluation.linear_probe`.
 
@@ -40,7 +41,7 @@ import sys
 
 from torch.nn.parallel import DistributedDataParallel
 
-from simpool.evaluation.common import add_data_flags, build_model, labelled_splits, parse_flags
+from simpool.evaluation.common import add_data_flags, build_model, labelled_splits, parse_flags, write_json
 from simpool.evaluation.features import eval_transform
 from simpool.evaluation.linear import evaluate
 from simpool.evaluation.linear_probe import (
@@ -65,6 +66,7 @@ from simpool.run.resume_checks import check_same_run, weights_identity
 from simpool.run.state import RunCheckpoint
 
 log = logging.getLogger("simpool.evaluation.run_linear")  # not __name__: "__main__" under python -m
+RESULTS_FILE = "linear.json"
 
 
 def get_args_parser() -> FlagParser:
@@ -197,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
             train_probe(state, trained, batches, args.epochs, args.val_freq, args.lrs, len(val), checkpoint, meta,
                         log_extra)
         log_summary(args.lrs, state.best_top1)
+        best = max(range(len(args.lrs)), key=lambda h: state.best_top1[h])
+        write_json(checkpoint.folder / RESULTS_FILE, {
+            "evaluator": "linear", **source.as_dict(), "data_path": args.data_path, "image_size": args.image_size,
+            **identity, "n_last_blocks": args.n_last_blocks,
+            "avgpool_patchtokens": args.avgpool_patchtokens, "num_train": len(train), "num_val": len(val),
+            "best_top1": state.best_top1[best], "best_lr": args.lrs[best],
+            "best_top1_per_lr": {str(lr): top1 for lr, top1 in zip(args.lrs, state.best_top1, strict=True)}})
     end_process()
     return 0
 

@@ -11,4 +11,6 @@ items on real photos, with exact masks and boxes), so that every reader is teste
 * :mod:`simpool.data.generated.davis`: DAVIS 2017 videos (``write_davis_style``)
 * :mod:`simpool.data.generated.compose`: the photo crops and pasted items they share
 * :mod:`simpool.data.generated.image_folder`: ImageFolder class folders, ``train/`` + ``val/`` (``write_image_folder``)
+* :mod:`simpool.data.generated.benchmark_root`: all of them (and an IN-9-class ImageFolder for k-NN and the probe)
+  under one root, where ``configs/benchmark_paper.yaml`` looks for each
 """
