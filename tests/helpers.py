@@ -70,6 +70,11 @@ def tiny_dino_step(out_dim: int = 64, center_momentum: float = 0.9, clip_grad: f
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
 
+class Killed(BaseException):
+    """Raised where a test's process "dies" (a kill, a time limit): no handler of the code under test catches it
+    (KeyboardInterrupt is Ctrl-C, which the drivers turn into exit 130)."""
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for torchrun's rendezvous)."""
     with socket.socket() as s:
@@ -138,6 +143,12 @@ def teacher(path: Path) -> dict[str, torch.Tensor]:
 
 def log_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """What a run wrote into ``folder``: file name -> (mtime, bytes); the lock file (who holds the folder now,
+    rewritten by every run that takes it) is left out."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir() if p.name != ".simpool.lock"}
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

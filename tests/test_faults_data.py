@@ -101,7 +101,7 @@ def test_visualiser_skips_and_counts_unreadable_images_and_keeps_same_stems_apar
                       "--image_size", "32", "--device", "cpu"])
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert sorted(p.name for p in out.iterdir()) == ["photo_jpg", "photo_png"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["photo_jpg", "photo_png"]
     assert "1 of 3 images skipped as unreadable: broken.jpg" in printed.out
 
 

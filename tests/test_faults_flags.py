@@ -23,11 +23,11 @@ from tests.helpers import (
     ("data_path: {a: 1}", [], "expected a single value, got a mapping"),
     ("global_crops_scale: 0.4", [], "--global_crops_scale must be two numbers"),
     ("epochs: [1, 2", [], "is not valid YAML at line"),
-    ("", ["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
-    ("", ["--teacher_temp", "0"], "--teacher_temp must be a finite number > 0"),
+    ("", ["--lr", "nan"], "--lr must be a finite number > 0 and <= 10000, got nan"),
+    ("", ["--teacher_temp", "0"], "--teacher_temp must be a finite number >= 1e-30 and <= 1e+30"),
     ("", ["--local_crops_size", "10"], "--local_crops_size 10 is not a multiple of --patch_size 4"),
     ("", ["--model_overrides", "depht=1"], "does not accept depht (did you mean depth?)"),
-    ("warmup_teacher_temp: .nan", [], "--warmup_teacher_temp must be a finite number > 0, got nan"),
+    ("warmup_teacher_temp: .nan", [], "--warmup_teacher_temp must be a finite number >= 1e-30 and <= 1e+30, got nan"),
 ])
 def test_bad_values_from_yaml_or_command_line_exit_2_in_one_line_before_any_model(
         tmp_path, monkeypatch, capsys, yaml_line, flags, message):
