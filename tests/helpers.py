@@ -114,6 +114,28 @@ def read_until(proc: subprocess.Popen, marker: str) -> str:
     raise AssertionError(f"{marker!r} never printed:\n{''.join(seen)[-3000:]}")
 
 
+def hold_lock(*locks: Path | tuple[Path, str]) -> subprocess.Popen:
+    """Another process holding the locks of these folders (``(folder, lock file name)`` for a lock beside an export
+    folder), as a run there would, until the test kills it (:func:`release`)."""
+    pairs = [(str(lock), ".simpool.lock") if isinstance(lock, Path) else (str(lock[0]), lock[1]) for lock in locks]
+    code = ("import sys, time; from simpool.run.lock import lock_folder\n"
+            f"for folder, name in {pairs!r}: lock_folder(folder, name=name)\n"
+            "print('locked', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, "holder-run"], env=ENV, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def release(proc: subprocess.Popen) -> None:
+    """Kill a process started by :func:`start` / :func:`hold_lock` (its group) and reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []

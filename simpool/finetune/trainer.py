@@ -44,6 +44,7 @@ from simpool.run.config import (
 )
 from simpool.run.flags import backbone_parameters
 from simpool.run.log import RunLogger, format_seconds
+from simpool.run.model_check import check_image_size
 from simpool.run.output import OutputFolder, float32_bytes
 from simpool.run.precision import resolve_precision
 from simpool.run.process import start_process
@@ -96,6 +97,7 @@ class FineTuneRun:
             self.check_same_run(saved)
             model = rebuild_from_record(saved["args"], len(self.classes), args.drop_path)
             self.source = saved.get("source", {})
+        check_image_size(model.backbone, args.input_size, "--input_size")
         self.model: FineTuneModel = model.to(self.device)
         self.checkpoint.prepare_folder()
         if self.dist.is_main:
