@@ -72,7 +72,7 @@ def _walk(folder: str) -> Iterator[tuple[str, int, list[str]]]:
                         continue
                     try:
                         if entry.is_dir():
-                            below.append(entry.path)
+                            below.append((entry.is_symlink(), entry.path))
                         elif entry.is_file() and is_image_file(entry.name):
                             names.append(entry.name)
                     except OSError:
@@ -82,7 +82,8 @@ def _walk(folder: str) -> Iterator[tuple[str, int, list[str]]]:
             continue
         yield path, st.st_mtime_ns, sorted(names)
         link_flag = os.path.islink(path)
-        stack.extend((p, (*chain, (key, path, link_flag))) for p in sorted(below, reverse=True))
+        # popped in order, real folders before links: of two ways into a folder, its own path is the one listed
+        stack.extend((p, (*chain, (key, path, link_flag))) for _, p in sorted(below, reverse=True))
     if repeated:
         log.warning("%s: %d linked folder(s) reached a second time were listed once only, e.g. %s", folder,
                     len(repeated), repeated[0])
@@ -93,7 +94,8 @@ def image_folders(folder: str | os.PathLike) -> list[tuple[str, int, list[str]]]
 
     What ``sorted(os.walk(folder, followlinks=True))`` with torchvision's image filter gives, for the trees it
     handles (same path strings, same order), with the file system's traps closed: a linked folder is listed
-    once (folders are told apart by device and inode, so a second link to one is skipped with a warning), a link
+    once (folders are told apart by device and inode, so a second way into one is skipped with a warning; of a
+    folder and a link to it side by side, the folder's own path is kept), a link
     to a folder above it (a loop, e.g. ``train/tshirt/loop -> ..``, which os.walk follows ~40 levels deep, listing
     every image dozens of times under one class) is a :class:`DataError` naming the link, and hidden files and
     folders (``.ipynb_checkpoints``, macOS's ``._x.jpg``) are not images. Loops are refused rather than skipped:
