@@ -8,7 +8,8 @@ accepts (its ``RANGES``), so the margin can be read off:
 * the peak learning rate of a DINO step (as scaled by the global batch), for each optimizer: 3 steps, then are
   the student's weights and the loss finite?
 * the decoupled weight decay of AdamW at a given lr (weights are multiplied by ``1 - lr * wd`` every step);
-* the teacher temperature of the DINO loss, and the k-NN vote temperature (``exp(s / T)``, ``s <= 1``).
+* the teacher temperature of the DINO loss, and the k-NN vote temperature: ``exp(s / T)`` (``s <= 1``) as the
+  reference computes it, and simpool's ``knn_predict`` (which votes with ``exp((s - max s) / T)`` below T = 0.0133).
 
 Usage::
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simpool.dino import DINOHead, DINOLoss, DINOStep, MultiCropWrapper, StepSchedule  # noqa: E402
 from simpool.dino.optim import build_optimizer, get_params_groups  # noqa: E402
-from simpool.evaluation.knn import weighted_vote  # noqa: E402
+from simpool.evaluation.knn import knn_predict, weighted_vote  # noqa: E402
 from simpool.models import build_backbone  # noqa: E402
 
 
@@ -93,6 +94,21 @@ def main() -> None:
     print(f"k-NN vote exp(s / T): first non-finite at T = {bad:g} (exp(1/T) overflows float32 below "
           f"T = 1 / ln(3.4e38) = {1 / math.log(torch.finfo(torch.float32).max):.5f})" if bad else
           "k-NN vote: finite at every T tried")
+    generator = torch.Generator().manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(200, 16, generator=generator), dim=1)
+    test = torch.nn.functional.normalize(torch.randn(50, 16, generator=generator), dim=1)
+    labels = torch.randint(0, 5, (200,), generator=generator)
+
+    def right(t: float) -> bool:  # simpool's top-1 against the definition in float64 (finite down to T ~ 0.0015)
+        sims = (test.double() @ train.double().T).topk(20, dim=1)
+        scores = torch.zeros(50, 5, dtype=torch.float64).scatter_add_(1, labels[sims.indices],
+                                                                     (sims.values / t).exp())
+        ours = knn_predict(train, labels, test, 20, t, num_classes=5)[:, 0]
+        return not torch.isfinite(scores).all() or bool(torch.equal(ours, scores.argmax(dim=1)))
+
+    bad = first_failure([1.0, 0.1, 0.07, 0.02, 0.0113, 0.01, 0.005, 0.002], right)
+    print("simpool's knn_predict: the float64 definition's top-1 at every T tried down to 0.002" if bad is None
+          else f"simpool's knn_predict differs from the float64 definition at T = {bad:g}")
     print(f"  accepted --temperature (eval_knn.py): {DINO_RANGES['temperature'].describe(1.0)}")
 
 
