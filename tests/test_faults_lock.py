@@ -31,6 +31,7 @@ from tests.helpers import (
     release,
     run_cli,
     start,
+    torchrun,
 )
 
 IN_USE = "is in use by another run (host"
@@ -158,3 +159,18 @@ def test_the_lock_file_records_this_process_and_stays_for_the_next_run(tmp_path)
         release_folders()
     assert (tmp_path / ".simpool.lock").is_file()  # removing it could let two runs lock two different files
     assert Path(tmp_path / ".simpool.lock").stat().st_size > 0
+
+
+def test_every_rank_of_a_distributed_run_learns_rank_0s_refusal_and_exits_2(tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    data = photo_folder(tmp_path / "photos")
+    holder = hold_lock(busy)
+    try:
+        result = run_cli([*TINY, "--data_path", str(data), "--batch_size_per_gpu", "2", "--output_dir", str(busy)],
+                         launcher=torchrun(2), timeout=180)
+    finally:
+        release(holder)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and all(IN_USE in line for line in lines), result.stderr[-3000:]  # both ranks, no hang
+    assert "exitcode  : 2" in result.stderr and not (busy / "args.yaml").exists()
