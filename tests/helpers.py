@@ -4,6 +4,7 @@ real-process helpers, small checkpoints. Test modules import from here, never fr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -68,6 +70,19 @@ def tiny_dino_step(out_dim: int = 64, center_momentum: float = 0.9, clip_grad: f
 # processes
 # ----------------------------------------------------------------------------------------------------------
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID",
+                      "SLURM_NTASKS", "SLURM_JOB_ID", "SUBMITIT_LOG_LEVEL")
+
+
+def load_submit_module() -> ModuleType:
+    """launch/submit.py as a module (launch/ is not a package). Left out of sys.modules, so cloudpickle
+    pickles DINOJob by value, as it does when submit.py runs as ``__main__``."""
+    spec = importlib.util.spec_from_file_location("simpool_launch_submit", REPO / "launch" / "submit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Killed(BaseException):

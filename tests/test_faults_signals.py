@@ -172,7 +172,7 @@ def test_a_kill_during_the_final_knn_is_redone_by_the_relaunch(tmp_path, monkeyp
 
 def test_submit_local_wait_returns_the_jobs_exit_code(tmp_path, monkeypatch, capsys):
     pytest.importorskip("submitit")
-    from tests.test_submit import LAUNCHER_VARIABLES, load_submit_module
+    from tests.helpers import LAUNCHER_VARIABLES, load_submit_module
 
     submit = load_submit_module()
     for name in LAUNCHER_VARIABLES:
@@ -191,7 +191,7 @@ def test_submit_local_wait_returns_the_jobs_exit_code(tmp_path, monkeypatch, cap
 @pytest.mark.slow
 @needs_fashion
 def test_random_sigkills_even_mid_save_end_on_the_uninterrupted_weights(tmp_path):
-    from tests.test_train import assert_same_weights, teacher
+    from tests.helpers import assert_same_weights, teacher
 
     flags = [*FASHION_TINY, "--subset", "4", "--epochs", "3", "--save_every_steps", "1"]  # 30 steps
     full, killed = tmp_path / "full", tmp_path / "killed"
