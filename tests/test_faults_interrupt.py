@@ -26,7 +26,6 @@ from tests.helpers import (
     photo_folder,
     read_until,
     release,
-    run_cli,
     start,
     state_of,
 )
@@ -93,11 +92,8 @@ def test_a_second_ctrl_c_during_a_long_save_ends_at_once_and_the_checkpoint_stay
     assert elapsed < 5 and "Traceback" not in seen + rest
     state = state_of(out / "checkpoint.pth")  # the previous checkpoint, whole
     assert (state["epoch"], state["epoch_sample"]) == (1, 0)
-    assert list(out.glob(".checkpoint.pth.*.tmp"))  # the abandoned save's temporary file, never renamed
-    relaunch = run_cli([*FASHION_TINY, "--epochs", "1", "--output_dir", str(out)])  # nothing left to train
-    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
-    assert "removed 1 temporary file(s) of interrupted saves" in relaunch.stdout
-    assert not list(out.glob(".*.tmp"))
+    # the abandoned save's temporary file, never renamed (the next run removes it: test_faults_resume)
+    assert list(out.glob(".checkpoint.pth.*.tmp"))
 
 
 @needs_fashion
