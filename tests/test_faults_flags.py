@@ -138,6 +138,21 @@ def test_an_image_size_that_is_not_a_multiple_of_the_patch_exits_2_before_extrac
     assert not extracted and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--gamma", "nan"], "--gamma must be a finite number > 0, 'None' or 'auto', got nan"),
+    (["--model_overrides", "depth=-1"], "with --model_overrides depth=-1: cannot build this model (RuntimeError"),
+    (["--model_overrides", "embed_dim=50"], "cannot build this model (AssertionError: dim should be divisible"),
+    (["--temperature", "0"], "--temperature must be a finite number >= 1e-30"),
+    (["--image_size", "100000"], "--image_size must be an integer >= 1 and <= 8192"),
+])
+def test_evaluator_model_values_exit_2_before_data_or_weights_are_read(tmp_path, capsys, flags, message):
+    from simpool.evaluation.run_knn import main as knn
+
+    assert knn(["--random_init", "--arch", "vit_tiny", "--data_path", str(tmp_path / "absent"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_ranges_say_their_bounds_and_the_lr_checks_compute_them():
     from simpool.run.config import EPOCHS, LEARNING_RATE, ConfigError, check_decoupled_decay, check_scaled_lr
 

@@ -34,7 +34,7 @@ from simpool.export import (
 )
 from simpool.loading import CONFIG_FILE, is_export_dir, load_backbone, model_builder
 from simpool.run.config import IMAGE_SIDE, FlagParser, bad_input, check_ranges
-from simpool.run.flags import add_backbone_flags, backbone_flags
+from simpool.run.flags import add_backbone_flags, backbone_flags, check_gamma
 from simpool.run.lock import LOCK_NAME, lock_folder
 from simpool.run.model_check import checked_build, parameter_count
 from simpool.run.output import check_output_folder, float32_bytes
@@ -77,6 +77,7 @@ def check_output(args) -> Path:
     parent writable (the new export is renamed into place there) with room for the files (the model built on the
     meta device: its parameters, twice for official mode's timm copy, once more with --onnx)."""
     out = Path(args.out_dir)
+    check_gamma(args)
     check_replaceable(out)
     if is_export_dir(args.checkpoint):
         raise ValueError(f"{args.checkpoint!r} is an export folder already: pass the training checkpoint")
