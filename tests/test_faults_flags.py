@@ -191,3 +191,27 @@ def test_yaml_scalars_for_list_flags_read_like_the_command_line(tmp_path):
     config.write_text("data_path: fashion-mnist\narch: vit_tiny\nnb_knn: 5\nmodel_overrides: depth=2\n")
     args = parse_args(["--config", str(config)])
     assert args.nb_knn == [5] and args.model_overrides == {"depth": 2}
+
+
+def test_weights_that_overflow_are_never_saved_over_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from simpool.dino.step import DINOStep
+    from simpool.distributed import unwrap
+
+    data = photo_folder(tmp_path / "photos")  # 3 steps an epoch
+    out = tmp_path / "run"
+    calls = []
+    real_step = DINOStep.__call__
+
+    def step_that_overflows(self, crops, schedule):  # a finite loss whose update overflows, in epoch 1
+        stats = real_step(self, crops, schedule)
+        calls.append(1)
+        if len(calls) == 4:
+            next(unwrap(self.student).parameters()).data.fill_(float("inf"))
+        return stats
+
+    monkeypatch.setattr(DINOStep, "__call__", step_that_overflows)
+    assert main([*TINY, "--data_path", str(data), "--epochs", "2", "--output_dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "weights are no longer finite at iteration 6" in err and f"Last good checkpoint: {out}" in err, err
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["student"].values())

@@ -39,6 +39,7 @@ from simpool.dino.schedules import DINOSchedules
 from simpool.distributed import all_reduce_sum, unwrap
 from simpool.run.config import check_decoupled_decay, check_scaled_lr, check_schedule_length, write_args_yaml
 from simpool.run.log import RunLogger, Throughput, format_seconds, peak_memory_gib
+from simpool.run.model_check import weights_are_finite
 from simpool.run.output import OutputFolder
 from simpool.run.precision import resolve_precision
 from simpool.run.process import start_process
@@ -140,7 +141,7 @@ class Trainer:
 
         Weights that are no longer finite (an update from a finite loss overflowed) are never written over the
         last good checkpoint: the run stops instead (exit 1), naming it."""
-        if not all(bool(torch.isfinite(p).all()) for p in unwrap(self.student).parameters()):
+        if not weights_are_finite(unwrap(self.student)):
             where = self.checkpoint.last_written or "none was written yet"
             raise TrainingStopped(
                 f"the student's weights are no longer finite at iteration {self.progress.iteration} (an update "

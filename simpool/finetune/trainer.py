@@ -44,7 +44,7 @@ from simpool.run.config import (
 )
 from simpool.run.flags import backbone_parameters
 from simpool.run.log import RunLogger, format_seconds
-from simpool.run.model_check import check_image_size
+from simpool.run.model_check import check_image_size, weights_are_finite
 from simpool.run.output import OutputFolder, float32_bytes
 from simpool.run.precision import resolve_precision
 from simpool.run.process import start_process
@@ -178,7 +178,7 @@ class FineTuneRun:
     def save(self, best: bool = False) -> None:
         """checkpoint.pth (and checkpoint_best.pth) atomically on rank 0; weights that are no longer finite are never
         written over the last good checkpoint: :class:`TrainingStopped` (exit 1) instead."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        if not weights_are_finite(self.model):
             raise TrainingStopped(f"the weights are no longer finite at iteration {self.iteration} (the loss or an "
                                   f"update overflowed); not saved. Last good checkpoint: "
                                   f"{self.checkpoint.last_written or 'none was written yet'}. Try a lower --lr, "

@@ -27,7 +27,7 @@ from torch import nn
 from simpool.attention_maps import model_stride
 from simpool.run.config import ConfigError
 
-__all__ = ["check_image_size", "checked_build", "parameter_count"]
+__all__ = ["check_image_size", "checked_build", "parameter_count", "weights_are_finite"]
 
 
 def checked_build(build: Callable[[], nn.Module], what: str) -> nn.Module:
@@ -67,3 +67,11 @@ def check_image_size(model: nn.Module, image_size: int, flag: str = "--image_siz
         lower, upper = max(stride, image_size // stride * stride), (image_size // stride + 1) * stride
         raise ConfigError(f"{flag} {image_size} is not a multiple of the model's patch size {stride}: use "
                           f"{lower} or {upper}")
+
+
+@torch.no_grad()
+def weights_are_finite(module: nn.Module) -> bool:
+    """Whether every parameter of ``module`` is finite (one device synchronisation): what a trainer checks before
+    it writes a checkpoint over the last good one (an update from a finite loss can still overflow)."""
+    flags = [torch.isfinite(p).all() for p in module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
