@@ -166,6 +166,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise _write_error(path, err) from None
+    except BaseException:  # e.g. Ctrl-C mid-write: no temporary file left behind either
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

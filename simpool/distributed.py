@@ -142,6 +142,20 @@ def any_and_all(flags: list[bool]) -> tuple[list[bool], list[bool]]:
     return [int(c) > 0 for c in counts], [int(c) == world for c in counts]
 
 
+def broadcast_from_rank_0(value):
+    """Rank 0's ``value`` (any picklable object) on every rank, over the CPU control group; ``value`` itself
+    without a process group. Collective: every rank calls it (what the others pass is ignored).
+
+    How rank 0's decisions reach the others, failures included: a check only rank 0 makes (a folder's lock, a
+    file list) stops every rank with the same message instead of leaving the others waiting in a collective.
+    """
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=control_group())
+    return box[0]
+
+
 def all_gather_varlen(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Gather tensors whose first dimension differs between ranks; returns one tensor per rank."""
     if not is_distributed():

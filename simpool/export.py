@@ -38,8 +38,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +54,9 @@ from torch import nn
 from simpool.checkpoint import safe_load
 from simpool.loading import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE, is_export_dir, load_model
 
-__all__ = ["CLASSIFIER_FILE", "ONNX_FILE", "TIMM_WEIGHTS_FILE", "OnnxUnavailable", "export_backbone", "export_onnx",
-           "onnx_max_relative_error", "require_onnx", "timm_equivalent", "training_summary"]
+__all__ = ["CLASSIFIER_FILE", "ONNX_FILE", "TIMM_WEIGHTS_FILE", "OnnxUnavailable", "check_replaceable",
+           "export_backbone", "export_onnx", "onnx_max_relative_error", "remove_stale_staging", "require_onnx",
+           "timm_equivalent", "training_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +135,84 @@ def _export_classifier(checkpoint: str | os.PathLike, out: Path) -> dict[str, An
     if not isinstance(info, dict):
         return None
     head = {k.removeprefix("head."): v.contiguous() for k, v in state["model"].items() if k.startswith("head.")}
-    save_file(head, str(out / CLASSIFIER_FILE), metadata={"format": "pt"})
+    _save(head, out / CLASSIFIER_FILE)
     return {"file": CLASSIFIER_FILE, "num_classes": int(head["weight"].shape[0]), **_jsonable(info)}
 
 
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.save_file``, then the mode any file of this process gets (``0o666 & ~umask``): safetensors
+    writes 0600, which locks a shared export away from the group."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+# Files an export folder may hold besides config.json: what export_backbone and the evaluators write there.
+_EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, TIMM_WEIGHTS_FILE, CLASSIFIER_FILE, "model.onnx", "knn.json",
+                 "attention.json", ".simpool.lock"}
+# Working names beside OUT_DIR: the folder being written, and the previous export while it is replaced.
+_STAGING = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]{8}\.(?:new|old)-export$")
+
+
+def check_replaceable(out: Path) -> None:
+    """``out`` may become an export folder: absent, empty, or an export folder (replaced whole); else ValueError.
+
+    A folder holding anything else (a user's files) is never replaced: the export would delete them."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} is a file, not an export folder: pick another output folder")
+    others = sorted(p.name for p in out.iterdir() if p.name not in _EXPORT_FILES)
+    if others and not is_export_dir(out):
+        raise ValueError(f"{out} exists and is not an export folder (it holds {', '.join(others[:5])}): an export "
+                         "replaces its folder whole; pick another output folder, or empty it")
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove the working folders a killed export left beside ``out`` (call it while holding the folder's lock)."""
+    removed = []
+    if out.parent.is_dir():
+        for candidate in out.parent.iterdir():
+            match = _STAGING.match(candidate.name)
+            if match and match.group("name") == out.name and candidate.is_dir():
+                shutil.rmtree(candidate, ignore_errors=True)
+                removed.append(candidate)
+    return removed
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Put ``staging`` in the place of ``out``: the old folder is moved aside, the new one renamed into place, the
+    old one removed afterwards; readers see the old export or the new one, never a mix."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    old = out.parent / staging.name.replace(".new-export", ".old-export")
+    os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_backbone(
-    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, which: str = "teacher", **model_args: Any
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, which: str = "teacher",
+    extra: Callable[[Path], None] | None = None, claim: Callable[[Path], None] | None = None, **model_args: Any
 ) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (+ ``timm_model.safetensors`` in official mode).
+    """Write ``model.safetensors`` + ``config.json`` (+ ``timm_model.safetensors`` in official mode) into ``out_dir``,
+    whole: everything is written into a folder beside it (``.<name>.<pid>-<hex>.new-export``) that then replaces
+    ``out_dir`` in one rename, so a failure or a kill at any point leaves the previous export as it was and an
+    export of another model leaves none of the old one's files behind.
 
     Args:
         checkpoint: a training checkpoint (ours or the reference's) or a backbone-only state dict.
-        out_dir: created if missing; existing export files are overwritten.
+        out_dir: absent, empty or an export folder (replaced whole); its parents are created.
         which: ``"teacher"`` (DINO's evaluated network) or ``"student"``.
+        extra: called with the folder being written, before it replaces ``out_dir`` (the ONNX file of ``--onnx``).
+        claim: called with ``out_dir`` once the weights are read and fit, before anything is written (the command
+            line creates the parent folder and takes its lock there).
         **model_args: ``arch``, ``mode``, ``gamma``, ``patch_size`` and timm keywords such as ``depth=2``, as
             :func:`simpool.loading.load_model` takes them: they override what the checkpoint's args say, and
             backbone-only files, which record no args, need ``arch`` and ``mode``.
@@ -152,27 +221,46 @@ def export_backbone(
     """
     if is_export_dir(checkpoint):
         raise ValueError(f"{str(checkpoint)!r} is an export folder already: pass the training checkpoint")
-    model, source = load_model(checkpoint, which, **model_args)
-    loaded = source.checkpoint
     out = Path(out_dir)
+    check_replaceable(out)
+    model, source = load_model(checkpoint, which, **model_args)
+    if claim is not None:
+        claim(out)
+    staging = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.new-export"
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
     except OSError as err:  # e.g. a parent that is a file (NotADirectoryError / FileExistsError)
         blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
         why = f"{blocker} is a file, not a folder" if blocker else err.strerror
         raise ValueError(f"cannot create the export folder {out}: {why}; pick another output folder") from None
     try:
-        save_file(plain_state_dict(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        _write_export(model, source, checkpoint, which, staging)
+        if extra is not None:
+            extra(staging)
+        _replace(staging, out)
     except OSError as err:
-        free = shutil.disk_usage(out).free / 2**20
-        raise ValueError(f"cannot write {out / WEIGHTS_FILE} ({err.strerror}; {free:.1f} MiB free there)") from None
+        shutil.rmtree(staging, ignore_errors=True)
+        free = shutil.disk_usage(out.parent).free / 2**20
+        raise ValueError(f"cannot write the export {out} ({err.strerror}; {free:.1f} MiB free there); the previous "
+                         "export, if any, is unchanged") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("exported %s %s (%s mode) to %s", which, model.arch, model.mode, out)
+    return out
 
+
+def _write_export(model: nn.Module, source: Any, checkpoint: str | os.PathLike, which: str, folder: Path) -> None:
+    """The files of one export into ``folder`` (the staging folder of :func:`export_backbone`)."""
+    loaded = source.checkpoint
+    _save(plain_state_dict(model), folder / WEIGHTS_FILE)
     timm_entry = None
     if model.mode == "official":
         name, kwargs, prefix = timm_equivalent(model)
         timm_state = plain_state_dict(model, strip_prefix=prefix)
         _check_timm_accepts(name, kwargs, timm_state)
-        save_file(timm_state, str(out / TIMM_WEIGHTS_FILE), metadata={"format": "pt"})
+        _save(timm_state, folder / TIMM_WEIGHTS_FILE)
         timm_entry = {"model_name": name, "kwargs": _jsonable(kwargs), "file": TIMM_WEIGHTS_FILE}
 
     config = {
@@ -195,11 +283,9 @@ def export_backbone(
             "epoch": loaded.epoch,
         },
         "training": training_summary(loaded.args),
-        "classifier": _export_classifier(checkpoint, out),
+        "classifier": _export_classifier(checkpoint, folder),
     }
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    log.info("exported %s %s (%s mode) to %s", which, model.arch, model.mode, out)
-    return out
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------

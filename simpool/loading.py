@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,17 +36,13 @@ import torch
 from safetensors.torch import load_file
 
 from simpool.checkpoint import LoadedCheckpoint, args_as_dict, load_backbone_weights, load_pretrained, safe_load
+from simpool.export_format import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE, check_export_config
 from simpool.models import AUTO_GAMMA, PooledBackbone, arch_family, build_backbone, is_known_arch
 
 __all__ = [
     "CONFIG_FILE", "EXPORT_FORMAT", "EXPORT_VERSION", "FROM_CHECKPOINT", "WEIGHTS_FILE", "ModelSource",
-    "is_export_dir", "load_backbone", "load_model", "read_export_config",
+    "is_export_dir", "load_backbone", "load_model", "model_builder", "read_export_config",
 ]
-
-EXPORT_FORMAT = "simpool-backbone"
-EXPORT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 # What random_init=True builds when arch / mode are not given: DINO's default arch, this project's mode.
 RANDOM_INIT_ARGS = {"arch": "vit_small", "mode": "simpool"}
@@ -110,16 +107,47 @@ def load_model(
     Raises ``ValueError`` (a :class:`simpool.checkpoint.CheckpointError` for weights that do not fit the model)
     with a message that names the argument to change.
     """
+    flags = {"arch": arch, "mode": mode, "gamma": gamma, "patch_size": patch_size, **overrides}
+    build = model_builder(weights, checkpoint_key, random_init=random_init, **flags)
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build()
+        return model.eval(), ModelSource(None, model.arch, model.mode, model.gamma)
+    if is_export_dir(weights):
+        model = load_backbone(weights)
+        return model, ModelSource(str(weights), model.arch, model.mode, model.gamma)
+    model = build()
+    loaded = load_pretrained(model, weights, checkpoint_key=checkpoint_key)
+    return model.eval(), ModelSource(str(weights), model.arch, model.mode, model.gamma, loaded)
+
+
+def model_builder(
+    weights: str | os.PathLike | None = None,
+    checkpoint_key: str = "teacher",
+    *,
+    random_init: bool = False,
+    arch: str | None = None,
+    mode: str | None = None,
+    gamma: float | str | None | _Unset = FROM_CHECKPOINT,
+    patch_size: int | None = None,
+    **overrides: Any,
+) -> Callable[[], PooledBackbone]:
+    """A function building (without weights) the backbone :func:`load_model` would return for these arguments.
+
+    What decides the model is read and checked now (the export folder's ``config.json``, the checkpoint's
+    recorded training args: ``ValueError`` naming the argument to change); the build itself is left to the
+    caller, e.g. on the ``meta`` device to check the model's values and count its parameters before any weight
+    is read (``simpool.run.model_check.checked_build``).
+    """
     if checkpoint_key not in ("teacher", "student"):
         raise ValueError(f"checkpoint_key must be 'teacher' or 'student', got {checkpoint_key!r}")
     flags = {"arch": arch, "mode": mode, "gamma": gamma, "patch_size": patch_size, **overrides}
     if random_init:
         if weights is not None:
             raise ValueError("random_init=True builds random weights: pass weights=None, or drop random_init")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = _build(RANDOM_INIT_ARGS, "random_init", **flags)
-        return model.eval(), ModelSource(None, model.arch, model.mode, model.gamma)
+        arguments = _model_arguments(RANDOM_INIT_ARGS, "random_init", **flags)
+        return lambda: _build(arguments, RANDOM_INIT_ARGS, "random_init")
     if weights is None:
         raise ValueError("no weights given: pass a checkpoint file or an export folder, or random_init=True")
     if is_export_dir(weights):
@@ -131,13 +159,12 @@ def load_model(
             raise ValueError(
                 f"{str(weights)!r} is an export folder whose config.json fixes the model: drop {', '.join(given)}"
             )
-        model = load_backbone(weights)
-        return model, ModelSource(str(weights), model.arch, model.mode, model.gamma)
+        config = read_export_config(weights)
+        return lambda: _build_exported(config)
     recorded = _recorded_args(weights)
     _check_arch_fits_the_run(arch, recorded.get("arch"), recorded.get("mode", "official"), str(weights))
-    model = _build(recorded, str(weights), **flags)
-    loaded = load_pretrained(model, weights, checkpoint_key=checkpoint_key)
-    return model.eval(), ModelSource(str(weights), model.arch, model.mode, model.gamma, loaded)
+    arguments = _model_arguments(recorded, str(weights), **flags)
+    return lambda: _build(arguments, recorded, str(weights))
 
 
 def _recorded_args(path: str | os.PathLike) -> dict[str, Any]:
@@ -153,9 +180,9 @@ def _recorded_args(path: str | os.PathLike) -> dict[str, Any]:
     return args_as_dict(checkpoint.get("args")) if isinstance(checkpoint, dict) else {}
 
 
-def _build(recorded: dict[str, Any], source: str, arch: str | None, mode: str | None, gamma: Any,
-           patch_size: int | None, **overrides: Any) -> PooledBackbone:
-    """``build_backbone`` with the given arguments, the missing ones taken from the ``recorded`` training args.
+def _model_arguments(recorded: dict[str, Any], source: str, arch: str | None, mode: str | None, gamma: Any,
+                     patch_size: int | None, **overrides: Any) -> dict[str, Any]:
+    """``build_backbone``'s arguments: the given ones, the missing ones taken from the ``recorded`` training args.
 
     facebookresearch/dino's args have no ``mode``: such a run is DINO's own, i.e. ``"official"``.
     """
@@ -173,19 +200,38 @@ def _build(recorded: dict[str, Any], source: str, arch: str | None, mode: str | 
         gamma = recorded.get("gamma", AUTO_GAMMA)
     patch_size = int(patch_size or recorded.get("patch_size") or 16)
     # An inference copy: no stochastic depth unless asked for (a no-op in eval mode, but export records it).
-    recorded_overrides = dict(recorded.get("model_overrides") or {})
-    kwargs = {"drop_path_rate": 0.0, **recorded_overrides, **overrides}
+    kwargs = {"drop_path_rate": 0.0, **dict(recorded.get("model_overrides") or {}), **overrides}
+    return {"arch": arch, "mode": mode, "gamma": gamma, "patch_size": patch_size, **kwargs}
+
+
+def _build(arguments: dict[str, Any], recorded: dict[str, Any], source: str) -> PooledBackbone:
     try:
-        model = build_backbone(arch, mode=mode, gamma=gamma, patch_size=patch_size, **kwargs)
+        model = build_backbone(**arguments)
     except TypeError as err:  # a keyword the model does not take: say whose it is instead of a traceback
-        whose = {k: ("--model_overrides" if k in overrides else "the run's model_overrides")
-                 for k in kwargs if k in overrides or k in recorded_overrides}
-        raise ValueError(f"cannot build {arch} for {source} ({err}); keywords given: "
+        recorded_overrides = dict(recorded.get("model_overrides") or {})
+        named = {"arch", "mode", "gamma", "patch_size", "drop_path_rate"}
+        whose = {k: ("the run's model_overrides" if k in recorded_overrides and recorded_overrides[k] == v
+                     else "--model_overrides") for k, v in arguments.items() if k not in named}
+        raise ValueError(f"cannot build {arguments['arch']} for {source} ({err}); keywords given: "
                          f"{', '.join(f'{k} ({w})' for k, w in whose.items()) or 'none'}: "
                          "drop the ones this arch does not take") from None
     if recorded.get("pos_embed_resampling") and hasattr(model, "pos_embed_resampling"):
         model.pos_embed_resampling = recorded["pos_embed_resampling"]  # a run that kept the reference's rule
     return model
+
+
+def _check_arch_fits_the_run(arch: str | None, recorded_arch: str | None, recorded_mode: str, source: str) -> None:
+    """--arch of another family than the run's (a ResNet for ViT weights) can never load: say so before building.
+
+    Names this simpool does not know (DINO's ``deit_small``) are left to the weight check, which names the keys.
+    """
+    if not arch or not recorded_arch or arch == recorded_arch:
+        return
+    if not (is_known_arch(arch) and is_known_arch(recorded_arch)) or arch_family(arch) == arch_family(recorded_arch):
+        return
+    raise ValueError(f"the weights in {source} are a {recorded_arch} ({recorded_mode} mode, as their training args "
+                     f"record); --arch {arch} does not fit them: drop --arch to load the {recorded_arch}, or pass "
+                     f"weights of a {arch}")
 
 
 def _check_arch_fits_the_run(arch: str | None, recorded_arch: str | None, recorded_mode: str, source: str) -> None:
@@ -211,7 +257,7 @@ def is_export_dir(path: str | os.PathLike) -> bool:
 
 
 def read_export_config(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` of an export folder, checked to be ours and not newer than this simpool."""
+    """The ``config.json`` of an export folder, every field checked (``simpool.export_format``): untrusted input."""
     folder = Path(out_dir)
     config_path = folder / CONFIG_FILE
     if not folder.exists():
@@ -228,16 +274,15 @@ def read_export_config(out_dir: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{config_path} cannot be read ({err}): re-run utils/export_backbone.py into "
                          f"{str(folder)!r}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} is not a simpool export (not a JSON object)")
-    if config.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{config_path} is not a simpool export (format {config.get('format')!r})")
-    if config.get("format_version", 0) > EXPORT_VERSION:
-        raise ValueError(
-            f"{config_path} has format_version {config['format_version']}, newer than this simpool "
-            f"({EXPORT_VERSION}): upgrade simpool"
-        )
-    return config
+    return check_export_config(config, config_path)
+
+
+def _build_exported(config: dict[str, Any]) -> PooledBackbone:
+    """The backbone a checked ``config.json`` describes, with its position-embedding rule, without weights."""
+    model = build_backbone(config["arch"], mode=config["mode"], gamma=config.get("gamma"), **config["build_kwargs"])
+    if config.get("pos_embed_resampling") is not None:
+        model.pos_embed_resampling = config["pos_embed_resampling"]
+    return model
 
 
 def load_backbone(out_dir: str | os.PathLike, device: str | torch.device | None = None) -> PooledBackbone:
@@ -256,9 +301,12 @@ def load_backbone(out_dir: str | os.PathLike, device: str | torch.device | None 
     weights = folder / config.get("weights", WEIGHTS_FILE)
     if not weights.is_file():
         raise ValueError(f"{str(weights)!r} is missing: re-run utils/export_backbone.py into {str(folder)!r}")
-    model = build_backbone(config["arch"], mode=config["mode"], gamma=config["gamma"], **config["build_kwargs"])
-    if config.get("pos_embed_resampling") is not None:
-        model.pos_embed_resampling = config["pos_embed_resampling"]
+    try:
+        model = _build_exported(config)
+    except Exception as err:  # noqa: BLE001 - checked fields whose values a constructor still refuses
+        why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+        raise ValueError(f"{folder / CONFIG_FILE} describes a model that cannot be built ({why}): export the "
+                         "checkpoint again") from None
     try:
         state_dict = load_file(str(weights), device="cpu")
     except Exception as err:  # safetensors raises SafetensorError (not an OSError) for truncated/damaged files

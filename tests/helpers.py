@@ -4,6 +4,7 @@ real-process helpers, small checkpoints. Test modules import from here, never fr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -75,6 +77,24 @@ def tiny_dino_step(out_dim: int = 64, center_momentum: float = 0.9, clip_grad: f
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID",
+                      "SLURM_NTASKS", "SLURM_JOB_ID", "SUBMITIT_LOG_LEVEL")
+
+
+def load_submit_module() -> ModuleType:
+    """launch/submit.py as a module (launch/ is not a package). Left out of sys.modules, so cloudpickle
+    pickles DINOJob by value, as it does when submit.py runs as ``__main__``."""
+    spec = importlib.util.spec_from_file_location("simpool_launch_submit", REPO / "launch" / "submit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Killed(BaseException):
+    """Raised where a test's process "dies" (a kill, a time limit): no handler of the code under test catches it
+    (KeyboardInterrupt is Ctrl-C, which the drivers turn into exit 130)."""
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for torchrun's rendezvous)."""
     with socket.socket() as s:
@@ -122,6 +142,28 @@ def read_until(proc: subprocess.Popen, marker: str) -> str:
     raise AssertionError(f"{marker!r} never printed:\n{''.join(seen)[-3000:]}")
 
 
+def hold_lock(*locks: Path | tuple[Path, str]) -> subprocess.Popen:
+    """Another process holding the locks of these folders (``(folder, lock file name)`` for a lock beside an export
+    folder), as a run there would, until the test kills it (:func:`release`)."""
+    pairs = [(str(lock), ".simpool.lock") if isinstance(lock, Path) else (str(lock[0]), lock[1]) for lock in locks]
+    code = ("import sys, time; from simpool.run.lock import lock_folder\n"
+            f"for folder, name in {pairs!r}: lock_folder(folder, name=name)\n"
+            "print('locked', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, "holder-run"], env=ENV, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def release(proc: subprocess.Popen) -> None:
+    """Kill a process started by :func:`start` / :func:`hold_lock` (its group) and reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
@@ -151,6 +193,12 @@ def teacher(path: Path) -> dict[str, torch.Tensor]:
 
 def log_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """What a run wrote into ``folder``: file name -> (mtime, bytes); the lock file (who holds the folder now,
+    rewritten by every run that takes it) is left out."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir() if p.name != ".simpool.lock"}
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

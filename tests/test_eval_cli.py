@@ -26,7 +26,7 @@ from simpool.evaluation.knn import knn_classifier
 from simpool.evaluation.linear import train_linear_on_features
 from simpool.export import export_backbone
 from simpool.loading import load_model
-from tests.helpers import REPO, TINY, free_port
+from tests.helpers import REPO, TINY, Killed, free_port
 
 CLASSES = ("cat", "coffee", "rocket", "astronaut")
 IMAGE_SIZE = "16"  # the crop size the tiny checkpoint was trained at
@@ -196,11 +196,11 @@ def test_linear_two_epochs_logs_checkpoints_and_resumes_exactly(trained, tmp_pat
         log_line(*args)
         epochs_done.append(1)
         if len(epochs_done) == 2:
-            raise KeyboardInterrupt
+            raise Killed
 
     monkeypatch.setattr(linear_probe, "append_json_line", killed_after_two_epochs)
     torch.manual_seed(0)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         run_linear.main([*args, "--epochs", "3", "--output_dir", str(resumed)])
     monkeypatch.undo()
     torch.manual_seed(1)  # the rerun starts elsewhere: the checkpoint restores the RNGs

@@ -17,6 +17,7 @@ from simpool.dino.run_train import main
 from tests.helpers import (
     FASHION_TINY,
     TINY,
+    folder_state,
     free_port,
     log_lines,
     needs_fashion,
@@ -91,7 +92,7 @@ def test_relaunch_with_another_batch_size_rebuilds_the_schedules_and_says_so(tmp
 def test_incompatible_relaunch_exits_2_naming_each_flag_before_writing_anything(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*FASHION_TINY, "--epochs", "1", "--output_dir", str(out)]) == 0
-    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    before = folder_state(out)
     capsys.readouterr()
     changed = [*FASHION_TINY, "--epochs", "2", "--output_dir", str(out), "--mode", "official", "--out_dim", "128",
                "--arch", "vit_small"]
@@ -99,12 +100,12 @@ def test_incompatible_relaunch_exits_2_naming_each_flag_before_writing_anything(
     err = capsys.readouterr().err
     assert "--arch vit_tiny -> vit_small" in err and "--mode simpool -> official" in err, err
     assert "--out_dim 64 -> 128" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    after = folder_state(out)
     assert after == before  # args.yaml included
     assert main([*FASHION_TINY, "--epochs", "2", "--output_dir", str(out), "--subset", "3"]) == 2
     err = capsys.readouterr().err
     assert "another data set (20 images then, 30 now" in err and "--subset 2 -> 3" in err, err
-    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+    assert folder_state(out) == before
 
 
 def test_a_moved_copy_of_the_data_set_resumes(tmp_path, capsys):

@@ -22,6 +22,7 @@ from simpool.dino.run_train import main
 from tests.helpers import (
     FASHION_TINY,
     REPO,
+    Killed,
     assert_same_weights,
     children,
     finish,
@@ -157,11 +158,11 @@ def test_a_kill_during_the_final_knn_is_redone_by_the_relaunch(tmp_path, monkeyp
     flags = [*FASHION_TINY, "--epochs", "1", "--output_dir", str(out)]
 
     def killed(self, backbone):
-        raise KeyboardInterrupt  # the process dies here, after the epoch's checkpoint
+        raise Killed  # the process dies here, after the epoch's checkpoint
 
     with monkeypatch.context() as patch:
         patch.setattr(OnlineKNN, "evaluate", killed)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Killed):
             main(flags)
     assert not (out / "log.txt").exists() or not (out / "log.txt").read_text()
     assert state_of(out / "checkpoint.pth")["pending_epoch_end"]["epoch"] == 0

@@ -25,7 +25,7 @@ from simpool.evaluation.segmentation_probe import (
     iou_from_confusion,
 )
 from simpool.models import build_backbone
-from tests.helpers import REPO, TINY_CONVNEXT, TINY_RESNET, TINY_VIT, free_port, needs_fashion
+from tests.helpers import REPO, TINY_CONVNEXT, TINY_RESNET, TINY_VIT, Killed, free_port, needs_fashion
 
 DEMO_EXPORT = REPO / "tests" / "fixtures" / "demo_backbone"  # the demo run's teacher (see its config.json)
 TINY_FLAGS = ["--random_init", "--arch", "vit_tiny", "--mode", "simpool", "--patch_size", "8",
@@ -159,11 +159,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     def stop_at_third_epoch(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt  # as if the job were killed: checkpoint of epoch 2 is on disk
+            raise Killed  # as if the job were killed: checkpoint of epoch 2 is on disk
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(seg_cli, "train_epoch", stop_at_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         run_probe(interrupted)
     monkeypatch.setattr(seg_cli, "train_epoch", real_epoch)
     resumed = run_probe(interrupted, "--save_predictions", "3")

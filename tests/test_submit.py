@@ -8,7 +8,6 @@ signals the Controller, which has no handler for USR2 and dies, leaving the task
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 import signal
@@ -16,31 +15,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.helpers import FASHION_TINY, REPO, TINY, assert_same_weights, free_port, needs_fashion, teacher
+from tests.helpers import (
+    FASHION_TINY,
+    LAUNCHER_VARIABLES,
+    REPO,
+    TINY,
+    assert_same_weights,
+    free_port,
+    load_submit_module,
+    needs_fashion,
+    teacher,
+)
 
 submitit = pytest.importorskip("submitit")
 from submitit.local.local import LocalJobEnvironment  # noqa: E402 - only once submitit is known to exist
 
 EPOCHS = ["--epochs", "3"]  # 15 steps: the signal lands mid-run, well before the last step
 DEADLINE_S = 240  # whole-test guard on a loaded machine; the test normally takes ~30 s
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID",
-                      "SLURM_NTASKS", "SLURM_JOB_ID", "SUBMITIT_LOG_LEVEL")
-
-
-def load_submit_module() -> ModuleType:
-    """launch/submit.py as a module (launch/ is not a package). Left out of sys.modules, so cloudpickle
-    pickles DINOJob by value, as it does when submit.py runs as ``__main__``."""
-    spec = importlib.util.spec_from_file_location("simpool_launch_submit", REPO / "launch" / "submit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def child_pids(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc): the task processes of a local submitit Controller."""
     children = Path(f"/proc/{pid}/task/{pid}/children")

@@ -211,7 +211,7 @@ def test_two_nodes_rendezvous_on_localhost(tmp_path):
 
 
 @pytest.mark.parametrize("config", sorted(p for p in (REPO / "configs").glob("*.yaml")
-                                           if not p.name.startswith("finetune_")), ids=lambda p: p.stem)
+                                           if not p.name.startswith(("finetune_", "benchmark_"))), ids=lambda p: p.stem)
 def test_shipped_configs_parse(config):
     from simpool.dino.config import parse_args
 

@@ -18,7 +18,9 @@ import sys
 
 from simpool.data.pack import pack, verify_index
 from simpool.data.paths import DataError
-from simpool.run.config import bad_input
+from simpool.run.config import AT_LEAST_ONE, ConfigError, FlagParser, bad_input, check_ranges
+from simpool.run.output import OutputFolder
+from simpool.run.process import driver
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -32,9 +34,8 @@ def byte_size(text: str) -> int:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("simpool-pack", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = FlagParser("simpool-pack", description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("src", nargs="?", help="an ImageFolder (root with train/ and val/, or one split), "
                         "a .txt list of image paths, or fashion-mnist[:folder]")
     parser.add_argument("out", nargs="?", help="folder for the shards and index.json (created)")
@@ -48,9 +49,11 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     try:
+        check_ranges(args, {"shard_size": AT_LEAST_ONE, "shard_samples": AT_LEAST_ONE})
         if args.verify:
             if args.src or args.out:
                 raise DataError("--verify INDEX checks an existing pack: give no SRC or OUT with it")
@@ -59,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.src or not args.out:
             raise DataError("give SRC and OUT: simpool-pack SRC OUT (or simpool-pack --verify INDEX)")
+        output = OutputFolder(args.out, flag="OUT").check()  # writable, and locked if it exists: one pack at a time
         result = pack(args.src, args.out, shard_bytes=args.shard_size, shard_samples=args.shard_samples,
-                      progress=False if args.no_progress else None)
-    except DataError as err:
+                      progress=False if args.no_progress else None, claim=lambda _: output.claim())
+    except (DataError, ConfigError) as err:
         return bad_input(err)
     splits = ", ".join(f"{count} {name}" for name, count in result.samples.items())
     kept = f" (kept {result.shards_kept} verified shard(s) of an earlier run)" if result.shards_kept else ""

@@ -30,9 +30,11 @@ import torch
 
 from simpool.data.images import BadSample, load_rgb_image
 from simpool.loading import load_model
-from simpool.run.config import FlagParser, bad_input
+from simpool.run.config import IMAGE_SIDE, FlagParser, Range, bad_input, check_ranges
 from simpool.run.flags import add_backbone_flags, backbone_flags
 from simpool.run.log import setup_logging
+from simpool.run.output import OutputFolder
+from simpool.run.process import driver
 from simpool.visualize import visualize_image, visualize_pca
 
 log = logging.getLogger(__name__)
@@ -98,13 +100,17 @@ def load_models(args: argparse.Namespace) -> list[tuple[str, torch.nn.Module]]:
     return [(label, model.to(args.device).eval()) for label, model in models]
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2: bad flags, images or weights, with ``error: ...`` on stderr)."""
     setup_logging()
     args = get_args_parser().parse_args(argv)
     try:
+        check_ranges(args, {"image_size": Range(0, IMAGE_SIDE.high), "keep": Range(0, 1, low_open=True)})
+        output = OutputFolder(args.output_dir).check()  # writable, and locked if it exists: one run per folder
         images = list_images(args.image_path)
         models = load_models(args)
+        output.claim()
         names = output_names(images)
         skipped = []
         for image_path in images:

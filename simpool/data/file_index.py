@@ -31,11 +31,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import torch.distributed as dist
-
 from simpool.data.images import ImageFolderDataset
-from simpool.data.paths import DataError, check_image_folder, class_folder_names, is_image_file
-from simpool.distributed import control_group, is_distributed, is_main_process
+from simpool.data.paths import DataError, check_image_folder, class_folder_names, image_folders
+from simpool.distributed import broadcast_from_rank_0, is_main_process
 
 LIST_FORMAT = "simpool-file-list"
 LIST_VERSION = 1
@@ -49,21 +47,21 @@ def list_path(folder: str | os.PathLike, listing_dir: str | os.PathLike) -> Path
 
 
 def scan_image_folder(folder: str | os.PathLike) -> dict:
-    """Walk ``folder`` as torchvision's ``ImageFolder`` does (sorted classes, ``sorted(os.walk(...))``, sorted
-    file names, image extensions only) and return the list payload: classes, files, folder mtimes.
+    """Walk ``folder`` as torchvision's ``ImageFolder`` does (sorted classes, folders sorted by path, sorted file
+    names, image extensions only) and return the list payload: classes, files, folder mtimes.
 
-    Hand-written rather than torchvision's ``make_dataset`` because that walk does not give the folders' mtimes;
-    the tests check both give the same samples.
+    The walk is :func:`simpool.data.paths.image_folders` (links followed once, loops refused, hidden files
+    ignored), which also gives the folders' mtimes; the tests check it gives torchvision's samples.
     """
     root = str(check_image_folder(folder))
     classes = class_folder_names(Path(root))
     files, dirs = [], {".": os.stat(root).st_mtime_ns}
     for name in classes:
         class_dir, found = os.path.join(root, name), []
-        for walked, _, file_names in sorted(os.walk(class_dir, followlinks=True)):
-            dirs[os.path.relpath(walked, root)] = os.stat(walked).st_mtime_ns
+        for walked, mtime_ns, file_names in image_folders(class_dir):
+            dirs[os.path.relpath(walked, root)] = mtime_ns
             inner = os.path.relpath(walked, class_dir)
-            found.extend(f if inner == "." else os.path.join(inner, f) for f in sorted(file_names) if is_image_file(f))
+            found.extend(f if inner == "." else os.path.join(inner, f) for f in file_names)
         files.append(found)
     empty = [name for name, found in zip(classes, files) if not found]
     if empty:
@@ -121,15 +119,6 @@ def _refresh_list(folder: str, path: Path, rescan: bool) -> tuple[str, dict, boo
     return f"listed {folder} into {path} ({reason})", payload, True
 
 
-def _from_rank_0(value):
-    """``value`` of rank 0 on every rank (a collective over the CPU control group; no-op without a group)."""
-    if not is_distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0, group=control_group())
-    return box[0]
-
-
 def listed_image_folder(folder: str | os.PathLike, listing_dir: str | os.PathLike, rescan: bool = False,
                         transform: Callable | None = None, subset: int | None = None,
                         log: Callable[[str], None] | None = None) -> ImageFolderDataset:
@@ -149,7 +138,7 @@ def listed_image_folder(folder: str | os.PathLike, listing_dir: str | os.PathLik
         except (DataError, OSError) as error:
             failure = error
     # the others wait here for rank 0: its failure, or where the list is (the file, or this message itself)
-    status = _from_rank_0(("failed", None) if failure is not None else ("file", None) if readable
+    status = broadcast_from_rank_0(("failed", None) if failure is not None else ("file", None) if readable
                           else ("sent", payload))
     if failure is not None:
         raise failure if isinstance(failure, DataError) else DataError(f"cannot list {folder}: {failure}")

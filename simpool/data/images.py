@@ -40,7 +40,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets import ImageFolder
 
-from simpool.data.paths import DataError, check_image_folder, class_folder_names
+from simpool.data.paths import DataError, check_image_folder, class_folder_names, image_folders
 
 # What a failed decode raises in PIL: OSError (truncated data, unidentified format, missing file),
 # SyntaxError (broken PNG chunks), ValueError/EOFError (bad headers), DecompressionBombError (absurd
@@ -219,11 +219,27 @@ class ImageFolderDataset(ImageFolder):
 
     def make_dataset(self, directory: str, *args: Any, **kwargs: Any) -> list[tuple[str, int]]:
         if self._listing is None:
-            return super().make_dataset(directory, *args, **kwargs)
+            return self._walk(directory)
         classes, files = self._listing
         # concatenation, not os.path.join: the same strings (root has no trailing separator), 5x faster on 1M files
         return [(f"{directory}{os.sep}{name}{os.sep}{relative}", label)
                 for label, (name, names) in enumerate(zip(classes, files)) for relative in names]
+
+    @staticmethod
+    def _walk(directory: str) -> list[tuple[str, int]]:
+        """torchvision's samples (same paths, same order) through :func:`~simpool.data.paths.image_folders`: links
+        followed once, loops refused, hidden files left out."""
+        samples, empty = [], []
+        for label, name in enumerate(class_folder_names(Path(directory))):
+            found = [(os.path.join(folder, file), label)
+                     for folder, _, files in image_folders(os.path.join(directory, name)) for file in files]
+            if not found:
+                empty.append(name)
+            samples += found
+        if empty:
+            raise DataError(f"cannot use {directory} as an ImageFolder: the class folders {', '.join(empty[:10])} "
+                            "hold no image: remove them or add images")
+        return samples
 
     def __getitem__(self, index: int) -> tuple[Any, Any] | BadSample:
         path, target = self.samples[index]
@@ -247,12 +263,43 @@ def read_file_list(list_file: str | os.PathLike) -> list[str]:
     return paths
 
 
+# A file list is checked entry by entry up to this many entries (one stat each, ~0.2 s on a local disk); a longer
+# one through an even sample of that many (a stat per entry of a million-image list on a cluster file system is
+# the metadata storm simpool.data.file_index exists to avoid).
+LIST_CHECK_ENTRIES = 100_000
+
+
+class MostlyUnreadableListWarning(UserWarning):
+    """Most entries of a file list name no file: the run would skip (and count) most of its images."""
+
+
+def check_file_list(list_file: str | os.PathLike, paths: Sequence[str]) -> None:
+    """A :class:`DataError` when ``paths`` (read from ``list_file``) name a folder; a
+    :class:`MostlyUnreadableListWarning` when most of them name no file (every entry up to
+    :data:`LIST_CHECK_ENTRIES`, an even sample beyond)."""
+    step = max(1, -(-len(paths) // LIST_CHECK_ENTRIES))
+    checked = paths[::step]
+    missing = []
+    for path in checked:
+        if os.path.isdir(path):
+            raise DataError(f"{list_file} lists {path}, which is a folder: list image files, one per line (or pass "
+                            "the folder itself as --data_path to read it as an ImageFolder)")
+        if not os.path.isfile(path):
+            missing.append(path)
+    if len(missing) * 2 > len(checked):
+        sample = f"of {len(checked)} checked entries" if step > 1 else f"of its {len(checked)} entries"
+        warnings.warn(f"most of {list_file} is unreadable: {len(missing)} {sample} name no file, e.g. {missing[0]} "
+                      f"(relative paths are taken relative to {Path(list_file).parent}); those images will be skipped",
+                      MostlyUnreadableListWarning, stacklevel=2)
+
+
 class FileListDataset(Dataset):
     """Unlabelled images named in a text file (one path per line); every label is -1.
 
-    For pretraining on images that are not arranged in class folders. Only the first listed file is
-    checked up front (a wrong base folder shows there); a missing file later is a skipped
-    :class:`BadSample` like any unreadable one.
+    For pretraining on images that are not arranged in class folders. Up front, a listed folder is an error
+    naming it, a missing first file too (a wrong base folder shows there), and a list most of whose entries name no
+    file a warning (:func:`check_file_list`); a missing file later is a skipped :class:`BadSample` like any
+    unreadable one.
 
     Example::
 
@@ -264,6 +311,7 @@ class FileListDataset(Dataset):
         self.list_file = Path(list_file).expanduser()
         self.paths = read_file_list(self.list_file)
         self.transform = transform
+        check_file_list(self.list_file, self.paths)
         if not os.path.isfile(self.paths[0]):
             raise DataError(
                 f"{self.list_file} lists {self.paths[0]}, which does not exist: relative paths are "

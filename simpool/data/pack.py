@@ -33,6 +33,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -298,11 +299,12 @@ def _pack_split(out: Path, split_name: str, split: SourceSplit, state: dict, lim
 
 
 def pack(src: str, out: str | os.PathLike, shard_bytes: int = 1 << 30, shard_samples: int = 100_000,
-         progress: bool | None = None) -> PackResult:
+         progress: bool | None = None, claim: Callable[[Path], Any] | None = None) -> PackResult:
     """Pack ``src`` into ``out`` (created if missing); resumable; returns where the index is and what was done.
 
-    ``progress``: a tqdm bar on stderr (None: only on a terminal). Raises ``DataError`` for a bad source or an
-    ``out`` that holds another pack.
+    ``progress``: a tqdm bar on stderr (None: only on a terminal). ``claim``: called with ``out`` once the source
+    is read, before anything is written (the command line takes the folder's lock there). Raises ``DataError``
+    for a bad source or an ``out`` that holds another pack.
     """
     if shard_bytes < 4 * _TAR_BLOCK or shard_samples < 1:
         raise DataError(f"--shard_size must be at least 2 KiB and --shard_samples at least 1 "
@@ -310,6 +312,8 @@ def pack(src: str, out: str | os.PathLike, shard_bytes: int = 1 << 30, shard_sam
     unreadable: list[str] = []
     source = open_source(src, unreadable)
     out = Path(out).expanduser()
+    if claim is not None:
+        claim(out)
     out.mkdir(parents=True, exist_ok=True)
     identity = {"source": source.identity(), "shard_bytes": shard_bytes, "shard_samples": shard_samples}
     state = _read_state(out, identity)

@@ -18,12 +18,16 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 SPLITS = ("train", "val")
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -33,6 +37,72 @@ class DataError(ValueError):
 def is_image_file(name: str) -> bool:
     """True for the file names torchvision's ImageFolder would load (case-insensitive extension)."""
     return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _walk(folder: str) -> Iterator[tuple[str, int, list[str]]]:
+    """(folder, its mtime in ns, its sorted image file names) for ``folder`` and every folder below it, depth
+    first; see :func:`image_folders`."""
+    stack: list[tuple[str, tuple[tuple[tuple[int, int], str, bool], ...]]] = [(folder, ())]
+    visited: set[tuple[int, int]] = set()
+    repeated: list[str] = []
+    while stack:
+        path, chain = stack.pop()
+        try:
+            st = os.stat(path)
+        except OSError as err:  # a dangling link, a folder removed meanwhile: os.walk skips those silently
+            log.warning("skipping %s: %s", path, err.strerror)
+            continue
+        key = (st.st_dev, st.st_ino)
+        ancestors = [k for k, _, _ in chain]
+        if key in ancestors:
+            cycle = chain[ancestors.index(key) + 1:] + ((key, path, os.path.islink(path)),)
+            link = next((p for _, p, is_link in cycle if is_link), path)
+            target = os.readlink(link) if os.path.islink(link) else os.path.realpath(link)
+            raise DataError(f"{link} -> {target} leads back to a folder above it (a link loop: its images would be "
+                            f"listed again and again, under the wrong class): remove that link")
+        if key in visited:  # a second link to a folder listed already: its images once only
+            repeated.append(path)
+            continue
+        visited.add(key)
+        names, below = [], []
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):  # hidden: .ipynb_checkpoints, ._IMG.jpg (macOS), .cache ...
+                        continue
+                    try:
+                        if entry.is_dir():
+                            below.append((entry.is_symlink(), entry.path))
+                        elif entry.is_file() and is_image_file(entry.name):
+                            names.append(entry.name)
+                    except OSError:
+                        continue
+        except OSError as err:
+            log.warning("skipping %s: %s", path, err.strerror)
+            continue
+        yield path, st.st_mtime_ns, sorted(names)
+        link_flag = os.path.islink(path)
+        # popped in order, real folders before links: of two ways into a folder, its own path is the one listed
+        stack.extend((p, (*chain, (key, path, link_flag))) for _, p in sorted(below, reverse=True))
+    if repeated:
+        log.warning("%s: %d linked folder(s) reached a second time were listed once only, e.g. %s", folder,
+                    len(repeated), repeated[0])
+
+
+def image_folders(folder: str | os.PathLike) -> list[tuple[str, int, list[str]]]:
+    """Every folder at or below ``folder`` with its mtime (ns) and its sorted image file names, sorted by path.
+
+    What ``sorted(os.walk(folder, followlinks=True))`` with torchvision's image filter gives, for the trees it
+    handles (same path strings, same order), with the file system's traps closed: a linked folder is listed
+    once (folders are told apart by device and inode, so a second way into one is skipped with a warning; of a
+    folder and a link to it side by side, the folder's own path is kept), a link
+    to a folder above it (a loop, e.g. ``train/tshirt/loop -> ..``, which os.walk follows ~40 levels deep, listing
+    every image dozens of times under one class) is a :class:`DataError` naming the link, and hidden files and
+    folders (``.ipynb_checkpoints``, macOS's ``._x.jpg``) are not images. Loops are refused rather than skipped:
+    a tree with one is a mistake whose fix is the user's (remove the link); skipping it would train on a tree
+    nobody meant.
+    """
+    return sorted(_walk(str(folder)))
 
 
 def class_folder_names(folder: Path) -> list[str]:
@@ -47,10 +117,9 @@ def class_folder_names(folder: Path) -> list[str]:
 
 def _first_image_under(folder: Path) -> str | None:
     """Path of some image below ``folder`` (stops at the first one: cheap even on ImageNet)."""
-    for dirpath, _dirnames, filenames in os.walk(folder, followlinks=True):
-        for name in filenames:
-            if is_image_file(name):
-                return os.path.join(dirpath, name)
+    for dirpath, _mtime, names in _walk(str(folder)):
+        if names:
+            return os.path.join(dirpath, names[0])
     return None
 
 

@@ -11,6 +11,8 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import logging
 
 import torch
@@ -27,6 +29,8 @@ from simpool.distributed import DistInfo, unwrap
 from simpool.models import build_backbone
 from simpool.run.config import ConfigError
 from simpool.run.flags import data_source_options
+from simpool.run.model_check import checked_build, parameter_count
+from simpool.run.output import float32_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,39 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device) -> tup
     for p in teacher.parameters():
         p.requires_grad = False
     return student, teacher, embed_dim
+
+
+def _student(args: argparse.Namespace) -> MultiCropWrapper:
+    backbone = build_backbone(args.arch, mode=args.mode, gamma=args.gamma, patch_size=args.patch_size,
+                              drop_path_rate=args.drop_path_rate, **dict(args.model_overrides or {}))
+    head = DINOHead(backbone.embed_dim, args.out_dim, norm_last_layer=args.norm_last_layer, use_bn=args.use_bn_in_head,
+                    nlayers=args.head_nlayers, hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim)
+    return MultiCropWrapper(backbone, head)
+
+
+_MODEL_FLAGS = ("arch", "mode", "gamma", "patch_size", "drop_path_rate", "model_overrides", "out_dim",
+                "norm_last_layer", "use_bn_in_head", "head_nlayers", "head_hidden_dim", "head_bottleneck_dim")
+
+
+@functools.lru_cache(maxsize=8)
+def _student_parameters(flags: str) -> int:
+    args = argparse.Namespace(**json.loads(flags))
+    overrides = " ".join(f"{k}={v}" for k, v in dict(args.model_overrides or {}).items())
+    what = f"--arch {args.arch}" + (f" --model_overrides {overrides}" if overrides else "")
+    return parameter_count(checked_build(lambda: _student(args), what))
+
+
+def student_parameters(args: argparse.Namespace) -> int:
+    """Parameters of the student (backbone + head) the flags describe, built on the meta device: a ConfigError
+    naming ``--model_overrides`` when its values cannot build one (``depth=-1``, ``embed_dim=50`` with 3 heads)."""
+    return _student_parameters(json.dumps({k: getattr(args, k) for k in _MODEL_FLAGS}, sort_keys=True, default=str))
+
+
+def checkpoint_bytes(args: argparse.Namespace) -> int:
+    """About what one ``checkpoint.pth`` of this run takes: student and teacher, and the optimizer's state
+    (AdamW: two moments per parameter; SGD / LARS: one momentum), all float32."""
+    optimizer_states = 2 if args.optimizer == "adamw" else 1
+    return float32_bytes(student_parameters(args) * (2 + optimizer_states))
 
 
 def has_batchnorm(model: nn.Module) -> bool:

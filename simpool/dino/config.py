@@ -16,17 +16,22 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import inspect
 import math
 from typing import Any
 
 from simpool.dino.attention_log import validate as validate_attention_flags
-from simpool.models import ARCHS, arch_family, is_known_arch
+from simpool.models import ARCHS, accepted_keywords, arch_family, is_known_arch
 from simpool.run.config import (
     AT_LEAST_ONE,
+    EPOCHS,
+    IMAGE_SIDE,
+    LEARNING_RATE,
+    MAX_LR,
     NON_NEGATIVE,
-    POSITIVE,
+    SEED,
+    TEMPERATURE,
     UNIT_INTERVAL,
+    WORKERS,
     ConfigError,
     FlagParser,
     Range,
@@ -201,15 +206,18 @@ def _check_scale(name: str, scale: Any) -> tuple[float, float]:
     return values
 
 
-# Ranges of the numeric flags (checked after parsing, for the command line and YAML alike).
+# Ranges of the numeric flags (checked after parsing, for the command line and YAML alike); the upper bounds where
+# values break memory or numerics are the run layer's (simpool.run.config: EPOCHS, LEARNING_RATE, TEMPERATURE...).
 RANGES = {
-    **dict.fromkeys(["epochs", "batch_size_per_gpu", "out_dim", "patch_size", "global_crops_size",
-                     "local_crops_size", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers", "log_every",
-                     "accum_steps", "nb_knn"], AT_LEAST_ONE),
-    **dict.fromkeys(["local_crops_number", "num_workers", "warmup_epochs", "warmup_teacher_temp_epochs",
-                     "freeze_last_layer", "saveckp_freq", "save_every_steps", "exit_after_iterations", "eval_every",
-                     "max_skipped_steps", "min_lr", "weight_decay", "weight_decay_end", "clip_grad"], NON_NEGATIVE),
-    **dict.fromkeys(["lr", "teacher_temp", "warmup_teacher_temp", "temperature"], POSITIVE),
+    **dict.fromkeys(["batch_size_per_gpu", "out_dim", "patch_size", "head_hidden_dim", "head_bottleneck_dim",
+                     "head_nlayers", "log_every", "accum_steps", "nb_knn"], AT_LEAST_ONE),
+    **dict.fromkeys(["global_crops_size", "local_crops_size"], IMAGE_SIDE),
+    **dict.fromkeys(["local_crops_number", "warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer",
+                     "saveckp_freq", "save_every_steps", "exit_after_iterations", "eval_every", "max_skipped_steps",
+                     "clip_grad", "knn_max_images", "attention_every"], NON_NEGATIVE),
+    **dict.fromkeys(["weight_decay", "weight_decay_end"], Range(0, MAX_LR)),
+    "epochs": EPOCHS, "lr": LEARNING_RATE, "min_lr": Range(0, MAX_LR), "num_workers": WORKERS, "seed": SEED,
+    **dict.fromkeys(["teacher_temp", "warmup_teacher_temp", "temperature"], TEMPERATURE),
     "center_momentum": UNIT_INTERVAL, "momentum_teacher": UNIT_INTERVAL,
     "drop_path_rate": Range(0, 1, high_open=True),
 }
@@ -241,23 +249,20 @@ def validate_args(args: argparse.Namespace) -> None:
     if (problem := validate_attention_flags(args)) is not None:
         raise ConfigError(problem)
     _check_model_overrides(args)
+    from simpool.dino.build import student_parameters  # imported here: build imports the data layer, flags do not
+
+    student_parameters(args)  # --model_overrides values (depth=-1, embed_dim=50 ...) fail here, before anything
 
 
 def allowed_model_overrides(arch: str) -> set[str] | None:
     """Keywords the backbone of ``arch`` accepts (its class's and its timm base classes' constructors), or None
     for other timm models (timm checks those when the model is built)."""
-    if arch not in ARCHS:
+    names = accepted_keywords(arch)
+    if names is None:
         return None
-    names: set[str] = set()
-    for cls in ARCHS[arch].cls.__mro__:
-        if "__init__" not in vars(cls) or cls.__module__.startswith("torch."):
-            continue
-        for param in inspect.signature(cls.__init__).parameters.values():
-            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and param.name != "self":
-                names.add(param.name)
     # set by the backbone class or by a flag of their own (--patch_size, --drop_path_rate)
-    return names - {"mode", "gamma", "arch", "num_classes", "global_pool", "class_token", "dynamic_img_size",
-                    "patch_size", "drop_path_rate", "device", "dtype"}
+    return names - {"num_classes", "global_pool", "class_token", "dynamic_img_size", "patch_size", "drop_path_rate",
+                    "device", "dtype"}
 
 
 def _check_model_overrides(args: argparse.Namespace) -> None:

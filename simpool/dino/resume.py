@@ -56,9 +56,16 @@ def incompatible_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str
 
 def check_resumable(state: dict[str, Any] | None, source: Path | None, args: argparse.Namespace,
                     dataset_size: int, fingerprint: str) -> None:
-    """Refuse (ConfigError) a resume whose flags change the model or optimizer, or whose data set differs."""
+    """Refuse (ConfigError) a resume whose flags change the model or optimizer, whose data set differs, or whose
+    ``--epochs`` ends before the epoch the run has reached (it would train nothing and end as if finished)."""
     if state is None:
         return
+    done, sample = state.get("epoch"), state.get("epoch_sample", 0)
+    if isinstance(done, int) and (done > args.epochs or (done == args.epochs and sample)):
+        reached = f"{done} epoch(s)" + (f" and {sample} samples of the next" if sample else "")
+        raise ConfigError(f"{source} has trained {reached}, more than --epochs {args.epochs} asks for: relaunch with "
+                          f"--epochs {done + bool(sample)} or more to continue it, or use another --output_dir for a "
+                          "shorter run")
     found = incompatible_changes(state.get("args", {}), vars(args))
     if found:
         raise ConfigError(f"{source} was trained with other flags, which a resume cannot honour: "

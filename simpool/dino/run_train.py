@@ -2,8 +2,10 @@
 
 Flags: :mod:`simpool.dino.config` (every flag of the SimPool fork's ``main_dino.py``, and ours); the loop:
 :mod:`simpool.dino.train`. Exit codes: 0 when training finished or stopped cleanly (preemption signal,
-``--exit_after_iterations``; relaunch the same command to resume), 1 when it had to stop (non-finite losses,
-a checkpoint that cannot be written, ``--stop_on_collapse``), 2 for bad input (found before anything is written).
+``--exit_after_iterations``; relaunch the same command to resume), 130 after Ctrl-C (saved the same way; a second
+Ctrl-C quits at once), 1 when it had to stop (non-finite losses or weights, a checkpoint that cannot be written,
+``--stop_on_collapse``), 2 for bad input (found before anything is written; another run holding ``--output_dir``
+included).
 
 Usage::
 
@@ -23,12 +25,13 @@ from simpool.data import DataError
 from simpool.dino.config import parse_args
 from simpool.dino.train import CollapseStopped, Trainer, TrainingStopped
 from simpool.run.config import ConfigError, bad_input
-from simpool.run.process import end_process
-from simpool.run.stop import write_preemption_marker
+from simpool.run.process import driver, end_process
+from simpool.run.stop import exit_code
 
 log = logging.getLogger("simpool.dino.run_train")  # not __name__: "__main__" under python -m
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
     """Entry point of train_dino.py; returns the process exit code (0 also after a preemption save)."""
     try:
@@ -46,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     end_process()  # every rank is here (stops are agreed on): they leave the process group together
     if end.stopped is not None:
-        write_preemption_marker(trainer.dist.rank)
-        return 0
+        return exit_code(end, trainer.dist.rank)
     if trainer.dist.is_main and "knn" in end.stats and "knn_baselines" in end.stats:
         print_demo_summary(end.stats)
     return 0

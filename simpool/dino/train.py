@@ -28,7 +28,7 @@ from simpool.data import DataError, dataset_fingerprint
 from simpool.dino.accum import group_micro_batches
 from simpool.dino.attention_log import AttentionLog
 from simpool.dino.augment import GPUMultiCrop
-from simpool.dino.build import build_dino_step, build_train_loader, use_gpu_augment
+from simpool.dino.build import build_dino_step, build_train_loader, checkpoint_bytes, use_gpu_augment
 from simpool.dino.collapse import CollapseMonitor
 from simpool.dino.epoch_end import EpochEnd
 from simpool.dino.init_from import apply_init_weights, read_init_weights
@@ -37,8 +37,10 @@ from simpool.dino.resume import DINO_CHECKPOINT, Progress, check_resumable, geom
 from simpool.dino.running_stats import RunningSums
 from simpool.dino.schedules import DINOSchedules
 from simpool.distributed import all_reduce_sum, unwrap
-from simpool.run.config import write_args_yaml
+from simpool.run.config import check_decoupled_decay, check_scaled_lr, check_schedule_length, write_args_yaml
 from simpool.run.log import RunLogger, Throughput, format_seconds, peak_memory_gib
+from simpool.run.model_check import weights_are_finite
+from simpool.run.output import OutputFolder
 from simpool.run.precision import resolve_precision
 from simpool.run.process import start_process
 from simpool.run.rng import restore_rng_state, rng_state, set_seeds
@@ -83,6 +85,12 @@ class Trainer:
         """The checkpoint to resume from, the ``--pretrained_weights`` and the data, each checked (nothing is
         written): (resume state or None, init weights or None)."""
         args = self.args
+        # The output folder first: writable, room for a checkpoint, and locked if it exists (one run per folder).
+        OutputFolder(args.output_dir, need_bytes=checkpoint_bytes(args)).check()
+        peak_lr = check_scaled_lr(args.lr, self.samples_per_step)
+        if args.optimizer in ("adamw", "sgd"):  # LARS scales each update to its layer's norm: no blow-up from wd
+            check_decoupled_decay(peak_lr, max(args.weight_decay, args.weight_decay_end),
+                                  "--lr (scaled by the global batch) and --weight_decay / --weight_decay_end")
         self.checkpoint = RunCheckpoint(args.output_dir, DINO_CHECKPOINT, resume_from=args.resume_from)
         self.resume_source, resume_state = self.checkpoint.read()
         init_weights = read_init_weights(args, self.resume_source)  # a resume ignores --pretrained_weights
@@ -94,6 +102,7 @@ class Trainer:
         if self.niter_per_epoch < 1:
             raise DataError(f"{args.data_path} holds {self.dataset_size} images, fewer than one optimizer step "
                             f"({self.samples_per_step} samples); lower --batch_size_per_gpu")
+        check_schedule_length(args.epochs, self.niter_per_epoch)
         return resume_state, init_weights
 
     def build_bookkeeping(self) -> None:
@@ -142,7 +151,16 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def save(self, keep_as: str | None = None) -> None:
-        """checkpoint.pth (atomically) on rank 0; RNG states are rank 0's (every rank restores from them)."""
+        """checkpoint.pth (atomically) on rank 0; RNG states are rank 0's (every rank restores from them).
+
+        Weights that are no longer finite (an update from a finite loss overflowed) are never written over the
+        last good checkpoint: the run stops instead (exit 1), naming it."""
+        if not weights_are_finite(unwrap(self.student)):
+            where = self.checkpoint.last_written or "none was written yet"
+            raise TrainingStopped(
+                f"the student's weights are no longer finite at iteration {self.progress.iteration} (an update "
+                f"overflowed); not saved. Last good checkpoint: {where}. Try a lower --lr or --clip_grad."
+            )
         state = None
         if self.dist.is_main:
             state = {
@@ -201,16 +219,17 @@ class Trainer:
         run_start = time.perf_counter()
         while progress.epoch < args.epochs:
             epoch = progress.epoch
-            if self.stop_control.agree(progress.iteration).stop is StopReason.SIGNAL:  # e.g. during set-up
+            stop = self.stop_control.agree(progress.iteration).stop
+            if stop is not None and stop.by_signal:  # e.g. during set-up
                 self.save()
-                return self.stopped(StopReason.SIGNAL, last_stats)
+                return self.stopped(stop, last_stats)
             train_stats, stop = self.train_one_epoch(epoch)
             if train_stats is None:  # stopped mid-epoch: checkpoint written
                 return self.stopped(stop, last_stats)
             last_stats = {**last_stats, **self.finish_epoch(epoch, train_stats)}
-            if stop is None and progress.epoch < args.epochs \
-                    and self.stop_control.agree(progress.iteration).stop is StopReason.SIGNAL:
-                stop = StopReason.SIGNAL
+            if stop is None and progress.epoch < args.epochs:
+                agreed = self.stop_control.agree(progress.iteration).stop
+                stop = agreed if agreed is not None and agreed.by_signal else None
             if stop is not None and progress.epoch < args.epochs:
                 return self.stopped(stop, last_stats)
         self.log.print(f"training time {format_seconds(time.perf_counter() - run_start)}")

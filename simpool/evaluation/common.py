@@ -40,7 +40,7 @@ from simpool.distributed import is_main_process
 from simpool.evaluation.features import num_classes_of
 from simpool.loading import ModelSource, load_model
 from simpool.models import PooledBackbone
-from simpool.run.config import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, check_ranges
+from simpool.run.config import AT_LEAST_ONE, IMAGE_SIDE, WORKERS, ConfigError, check_ranges
 from simpool.run.flags import add_data_source_flags, backbone_flags, data_source_options
 
 __all__ = ["add_data_flags", "build_model", "labelled_splits", "parse_flags", "require_data_path",
@@ -62,8 +62,7 @@ def add_data_flags(parser: argparse.ArgumentParser, batch_size: int = 128) -> No
 def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """``parser.parse_args`` plus the checks every evaluator needs before it touches data or weights."""
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    check_ranges(args, {"image_size": AT_LEAST_ONE, "batch_size_per_gpu": AT_LEAST_ONE,
-                        "num_workers": NON_NEGATIVE})
+    check_ranges(args, {"image_size": IMAGE_SIDE, "batch_size_per_gpu": AT_LEAST_ONE, "num_workers": WORKERS})
     return args
 
 

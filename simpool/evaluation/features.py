@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
+from simpool.checkpoint import atomic_save
 from simpool.data import collate_skip_bad
 from simpool.data.sampler import ignore_preemption_signals
 from simpool.distributed import all_gather_varlen, get_rank, get_world_size
@@ -116,9 +117,8 @@ def extract_features(
 
 
 def save_features(path: str | Path, features: torch.Tensor, labels: torch.Tensor) -> None:
-    """``--dump_features``: write (features, labels) with safetensors-free plain tensors."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"features": features, "labels": labels}, path)
+    """``--dump_features``: write (features, labels) as plain tensors, whole or not at all (``atomic_save``)."""
+    atomic_save({"features": features, "labels": labels}, path)
 
 
 def load_features(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -99,6 +99,12 @@ def knn_search(
             yield start, sims, idx
 
 
+# Below this T, exp(s / T) with cosine similarities s <= 1 (and a sum of up to 10^6 of them) overflows float32:
+# 1 / (ln(3.4e38) - ln(10^6)) = 0.0133. knn_predict then votes with exp((s - max s) / T) instead (the same order
+# of classes, every weight in (0, 1]); above it the votes are the reference's, bit for bit.
+_OVERFLOW_T = 1.0 / (88.72 - 13.82)
+
+
 def weighted_vote(
     similarities: torch.Tensor, neighbour_labels: torch.Tensor, T: float, num_classes: int
 ) -> torch.Tensor:
@@ -139,6 +145,8 @@ def knn_predict(
     for start, sims, idx in knn_search(train_features, test_features, max(ks), backend, query_chunk_size):
         neighbour_labels = labels[idx.to(labels.device)]
         sims = sims.to(labels.device)
+        if T < _OVERFLOW_T:  # exp(s / T) would overflow float32: divide each row by exp(max s / T), same ranking
+            sims = sims.float() - sims.float().amax(dim=1, keepdim=True)
         for kk in ks:  # neighbours are sorted, so the k nearest are the first k columns
             scores = weighted_vote(sims[:, :kk], neighbour_labels[:, :kk], T, num_classes)
             ranked = scores.sort(dim=1, descending=True, stable=True).indices[:, :n_top]

@@ -155,16 +155,20 @@ def feature_batches(
     return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None)
 
 
-def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
+                    stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
     """One SGD step per batch on the sum over heads of each head's mean cross-entropy.
 
     ``model`` is a :class:`MultiLRLinear` or its DDP wrapper. The heads share no weights, so the gradient of
-    the sum is each head's own mean-CE gradient. Returns each head's mean batch loss ``(H,)``, over ranks.
+    the sum is each head's own mean-CE gradient. Returns each head's mean batch loss ``(H,)``, over ranks; None
+    when ``stop()`` (asked before every step, on every rank: it may be collective) said to abandon the epoch.
     """
     device = optimizer.param_groups[0]["params"][0].device
     loss_sum, steps = torch.zeros(len(optimizer.param_groups), device=device), 0
     model.train()
     for x, y in batches:
+        if stop is not None and stop():
+            return None
         logits = model(x)  # (H, B, C)
         per_head = F.cross_entropy(logits.transpose(1, 2), y.expand(logits.shape[0], -1), reduction="none")
         per_head = per_head.mean(dim=1)
@@ -207,16 +211,20 @@ def fit(
     epochs: int,
     start_epoch: int = 0,
     val_freq: int = 1,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, list[float], list[dict[str, float]] | None]]:
     """Train epochs ``start_epoch .. epochs-1``; after each, yield ``(epoch, train losses (H,), the epoch's
     lrs, val results)``. Val results (as :func:`evaluate`) come every ``val_freq`` epochs and after the
-    last, else ``None``. ``model`` may be a DDP wrapper; the heads evaluated are its ``module``."""
+    last, else ``None``. ``model`` may be a DDP wrapper; the heads evaluated are its ``module``. When ``stop()``
+    says so (see :func:`train_one_epoch`) the epoch in progress is abandoned and nothing more is yielded."""
     heads = getattr(model, "module", model)
     for epoch in range(start_epoch, epochs):
         if hasattr(train_batches, "set_epoch"):
             train_batches.set_epoch(epoch)
         lrs = [group["lr"] for group in optimizer.param_groups]
-        losses = train_one_epoch(model, train_batches, optimizer)
+        losses = train_one_epoch(model, train_batches, optimizer, stop)
+        if losses is None:
+            return
         scheduler.step()
         due = (epoch + 1) % val_freq == 0 or epoch == epochs - 1
         yield epoch, losses, lrs, evaluate(heads, val_batches) if due else None

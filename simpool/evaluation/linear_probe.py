@@ -36,6 +36,7 @@ from simpool.run.config import ConfigError
 from simpool.run.log import append_json_line
 from simpool.run.schedules import scaled_lr
 from simpool.run.state import CheckpointFormat, RunCheckpoint
+from simpool.run.stop import StopControl, StopReason
 
 CHECKPOINT_FILE = "checkpoint.pth.tar"
 LOG_FILE = "log.txt"
@@ -182,13 +183,19 @@ def train_probe(
     checkpoint: RunCheckpoint,
     checkpoint_meta: dict[str, Any],
     log_extra: dict[str, Any] | None = None,
-) -> None:
+    control: StopControl | None = None,
+) -> StopReason | None:
     """Epochs ``state.epoch .. epochs-1`` of :func:`fit` (``trained``: the heads or their DDP wrapper);
     after each, the checkpoint and one line of ``log.txt`` beside it (the reference's keys). ``lrs`` label the
-    heads in the log, ``num_val`` (the val images) the printed results."""
+    heads in the log, ``num_val`` (the val images) the printed results.
+
+    With ``control``, the ranks agree before every step whether a signal asked them to stop: the epoch in
+    progress is then abandoned (the checkpoint keeps the last finished one, which a relaunch continues from
+    exactly) and the reason is returned; None when every epoch was trained."""
     train, val = batches
+    stop = control.asked_to_stop if control is not None else None
     for epoch, losses, epoch_lrs, results in fit(trained, state.optimizer, state.scheduler, train, val,
-                                                  epochs, state.epoch, val_freq):
+                                                  epochs, state.epoch, val_freq, stop):
         stats: dict[str, Any] = {"epoch": epoch, "train_loss": losses.tolist(), "train_lr": epoch_lrs,
                                  **(log_extra or {})}
         if results is not None:
@@ -200,6 +207,15 @@ def train_probe(
         checkpoint.write({**checkpoint_meta, **state.state_dict()})
         if is_main_process():
             append_json_line(checkpoint.folder / LOG_FILE, stats)
+    return control.stopped if control is not None else None
+
+
+def stopped_line(reason: StopReason, control: StopControl, epoch: int, path: Any) -> str:
+    """The last line of a probe stopped by a signal: which epoch was abandoned, which checkpoint stays."""
+    kept = f"{path} (after epoch {epoch - 1})" if epoch else "no checkpoint yet (no epoch was finished)"
+    who = control.signals.signal_name or "a signal to another rank"
+    return (f"{reason.value} ({who}) during epoch {epoch}: that epoch is dropped, {kept} is kept; relaunch the "
+            "same command to continue from it")
 
 
 def result_fields(lrs: Sequence[float], results: list[dict[str, float]]) -> dict[str, Any]:

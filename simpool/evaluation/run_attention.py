@@ -29,9 +29,10 @@ from simpool.evaluation.attention_scores import (
     load_mask_samples,
 )
 from simpool.evaluation.common import build_model, results_folder, write_json
-from simpool.run.config import AT_LEAST_ONE, ConfigError, FlagParser, Range, bad_input, check_ranges
-from simpool.run.flags import add_distributed_flags, add_model_flags, require_weights
-from simpool.run.process import end_process, start_process
+from simpool.run.config import AT_LEAST_ONE, IMAGE_SIDE, ConfigError, FlagParser, Range, bad_input, check_ranges
+from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, require_weights
+from simpool.run.output import OutputFolder
+from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_attention")  # not __name__: "__main__" under python -m
 
@@ -64,7 +65,7 @@ def check_flags(args: argparse.Namespace) -> None:
     require_weights(args)
     if not args.data_path:
         raise ConfigError(f"--data_path is required: a VOC-style folder or {FASHION_ON_PHOTOS}[:N]")
-    check_ranges(args, {"image_size": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "keep": Range(0, 1, low_open=True)})
+    check_ranges(args, {"image_size": IMAGE_SIDE, "batch_size": AT_LEAST_ONE, "keep": Range(0, 1, low_open=True)})
 
 
 def output_path(args: argparse.Namespace) -> Path | None:
@@ -75,6 +76,7 @@ def output_path(args: argparse.Namespace) -> Path | None:
     return None  # --random_init without --output: nothing to write beside
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2: bad flags, data or weights, with ``error: ...`` on stderr)."""
     args = get_args_parser().parse_args(argv)
@@ -85,15 +87,20 @@ def main(argv: list[str] | None = None) -> int:
         return bad_input(err)
     dist_info = start_process(args.dist_url)
     try:
+        path = output_path(args)
+        if path is not None:  # one file, written whole: its folder is checked, not locked
+            where = "--output" if args.output else f"{RESULTS_FILE} goes beside the weights, in"
+            OutputFolder(path.parent, flag=where, fix="pass another --output").check(lock=False)
+        backbone_parameters(args)  # the model's values, before its weights are read
         model, source = build_model(args, dist_info.device)
         log.info("scoring the attention maps of %s (%s mode) from %s on %d images of %s", source.arch, source.mode,
                  source.weights or "random initialisation", len(samples), args.data_path)
         result = evaluate_attention(model, samples, args.image_size, args.keep, args.batch_size)
     except ValueError as err:  # DataError, CheckpointError and ConfigError are ValueErrors
+        end_process()
         return bad_input(err)
     if dist_info.is_main:
         log.info(format_table(result["rows"], args.keep))
-    path = output_path(args)
     if path is not None:
         payload = {**source.as_dict(), "data_path": args.data_path, "image_size": args.image_size,
                    "map": "simpool attention a" if source.mode == "simpool" else "[CLS] self-attention",

@@ -38,9 +38,11 @@ from simpool.evaluation.background_robustness import ProbeHead, load_probe_head
 from simpool.evaluation.common import build_model, write_json
 from simpool.evaluation.features import IMAGENET_MEAN, IMAGENET_STD, feature_fn
 from simpool.run import ItemResults, changes, weights_identity
-from simpool.run.config import ConfigError, FlagParser, bad_input
-from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
-from simpool.run.process import end_process, start_process
+from simpool.run.config import IMAGE_SIDE, WORKERS, ConfigError, FlagParser, bad_input, check_ranges
+from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, bool_flag, require_weights
+from simpool.run.model_check import check_image_size
+from simpool.run.output import OutputFolder
+from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_background_robustness")
 RESULTS_FILE = "background_robustness.json"
@@ -167,11 +169,13 @@ def get_args_parser() -> FlagParser:
     return parser
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2: bad flags, data, probe or weights, with ``error: ...`` on stderr)."""
     args = get_args_parser().parse_args(argv)
     try:
         require_weights(args)
+        check_ranges(args, {"image_size": IMAGE_SIDE, "num_workers": WORKERS})
         if args.image_size < 1 or args.batch_size_per_gpu < 1 or args.num_workers < 0 or args.n_last_blocks < 1:
             raise ConfigError("--image_size, --batch_size_per_gpu and --n_last_blocks must be positive, "
                                  "--num_workers >= 0")
@@ -183,10 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         return bad_input(err)
     dist_info = start_process(args.dist_url)
     try:
+        output = OutputFolder(args.output_dir).check()  # writable, and locked if it exists: one run per folder
+        backbone_parameters(args)  # the model's values, before its weights are read
         model, source = build_model(args, dist_info.device)
+        check_image_size(model, args.image_size)
         log.info("IN-9 accuracy of %s (%s mode) from %s with the probe of %s (lr %g, %d classes) on %s", source.arch,
                  source.mode, source.weights or "random initialisation", args.probe, head.lr, head.num_labels,
                  ", ".join(variants))
+        output.claim()
         result = run_background_robustness(
             model, source.as_dict(), variants, head, args.output_dir, data_path=args.data_path, probe=args.probe,
             image_size=args.image_size, n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens,

@@ -39,6 +39,8 @@ from simpool.evaluation.benchmark_table import JSON_FILE, MARKDOWN_FILE, table_p
 from simpool.run.config import AT_LEAST_ONE, ConfigError, FlagParser, bad_input, check_ranges
 from simpool.run.flags import add_backbone_flags
 from simpool.run.log import setup_logging
+from simpool.run.output import OutputFolder
+from simpool.run.process import driver
 
 log = logging.getLogger("simpool.evaluation.run_benchmark")
 PAPER_SUITE = Path(__file__).resolve().parents[2] / "configs" / "benchmark_paper.yaml"
@@ -93,6 +95,7 @@ def _options(args) -> list[str]:
     return words + (["--no_progress"] if args.no_progress else [])
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2: bad input, before any model; 1: an evaluator failed)."""
     args = get_args_parser().parse_args(argv)
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                            "overrides": overrides})
         cells = plan(suite, rows, args.data_root, args.output_dir, _options(args))
         check_data(cells)
+        output = OutputFolder(args.output_dir).check()  # one benchmark per folder (each evaluator locks its own)
     except ValueError as err:
         return bad_input(err)
     setup_logging(0)
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s / %s: %s%s", cell.row.name, cell.entry.name, cell.status,
                      f" ({cell.reason})" if cell.reason else f"\n    {cell.command}" * (cell.status == "pending"))
         return 0
+    output.claim()
     write()
     run_pending(cells, write, launcher)
     write()

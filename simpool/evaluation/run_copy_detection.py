@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import torch
 
@@ -25,8 +24,9 @@ from simpool.evaluation.common import add_data_flags, build_model, parse_flags, 
 from simpool.evaluation.copy_detection import run_copy_detection
 from simpool.evaluation.feature_cache import model_identity
 from simpool.run.config import ConfigError, FlagParser, bad_input
-from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
-from simpool.run.process import end_process, start_process
+from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, bool_flag, require_weights
+from simpool.run.output import OutputFolder
+from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_copy_detection")
 RESULTS_FILE = "copy_detection.json"
@@ -55,6 +55,7 @@ def get_args_parser() -> FlagParser:
     return parser
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2: bad flags, data or weights, found before any model is built)."""
     try:
@@ -73,11 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     dist_info = start_process(args.dist_url)
     device = dist_info.device if args.use_cuda else torch.device("cpu")
     try:
+        output = OutputFolder(args.output_dir).check()
+        if args.cache_dir:  # writable, room; not locked: runs of other weights may share one cache
+            OutputFolder(args.cache_dir, flag="--cache_dir").check(lock=False)
+        backbone_parameters(args)  # the model's values, before any weights are read
         model, source = build_model(args, device)
     except ValueError as err:
         end_process()
         return bad_input(err)
-    output_dir = Path(args.output_dir)
+    output_dir = output.claim()
     log.info("copy detection on %s (%d blocks) with %s (%s mode) from %s", copydays.root, len(copydays.blocks),
              source.arch, source.mode, source.weights or "random initialisation")
     result = run_copy_detection(model, copydays, args.cache_dir or output_dir / "features",

@@ -39,9 +39,11 @@ from simpool.evaluation.common import (
 )
 from simpool.evaluation.features import eval_transform, extract_features, load_features, save_features
 from simpool.evaluation.knn import knn_on_features
-from simpool.run.config import AT_LEAST_ONE, POSITIVE, ConfigError, FlagParser, bad_input, check_ranges
-from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
-from simpool.run.process import end_process, start_process
+from simpool.run.config import AT_LEAST_ONE, TEMPERATURE, ConfigError, FlagParser, bad_input, check_ranges
+from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, bool_flag, require_weights
+from simpool.run.model_check import check_image_size
+from simpool.run.output import OutputFolder, float32_bytes
+from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ def get_args_parser() -> FlagParser:
 
 
 def check_knn_flags(args: argparse.Namespace) -> None:
-    check_ranges(args, {"nb_knn": AT_LEAST_ONE, "temperature": POSITIVE})
+    check_ranges(args, {"nb_knn": AT_LEAST_ONE, "temperature": TEMPERATURE})
     if args.load_features:
         folder = Path(args.load_features)
         missing = [str(folder / name) for name in SPLIT_FILES.values() if not (folder / name).is_file()]
@@ -158,6 +160,20 @@ def report(
     log.info("results written to %s", path)
 
 
+def check_results_folder(args: argparse.Namespace) -> OutputFolder | None:
+    """Collective: where ``knn.json`` goes, checked before any feature is extracted (an explicit ``--output_dir`` is
+    also locked: one run per folder); beside the weights it is only checked to be writable (a training run may be
+    using that folder). Returns the folder to claim before writing, if any."""
+    if args.output_dir:
+        return OutputFolder(args.output_dir).check()
+    path = results_path(args)
+    if path is not None:
+        OutputFolder(path.parent, flag=f"{RESULTS_FILE} goes beside the weights, in", fix="pass --output_dir").check(
+            lock=False)
+    return None
+
+
+@driver
 def main(argv: list[str] | None = None) -> int:
     """Entry point of eval_knn.py; returns the exit code (2: bad input, reported before any extraction)."""
     try:
@@ -166,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         return bad_input(err)
     dist_info = start_process(args.dist_url)
+    dump = None
+    try:
+        output = check_results_folder(args)
+        if not args.load_features:
+            backbone_parameters(args)  # the model's values, before any data or weights are read
+    except ValueError as err:
+        end_process()
+        return bad_input(err)
     if args.load_features:
         splits, info = read_dumped_features(args.load_features), {"features": args.load_features}
     else:
@@ -173,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             # Bad data stop the run before the model is built, weights that do not fit before anything is embedded.
             train, val, num_classes = labelled_splits(args, eval_transform(args.image_size))
             model, source = build_model(args, dist_info.device)
+            check_image_size(model, args.image_size)
+            if args.dump_features:
+                values = (len(train) + len(val)) * (model.embed_dim + 1)  # features and labels
+                dump = OutputFolder(args.dump_features, float32_bytes(values), flag="--dump_features").check()
         except ValueError as err:
             end_process()
             return bad_input(err)
@@ -186,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             name: extract_features(model, dataset, args.batch_size_per_gpu, args.num_workers, dist_info.device)
             for name, dataset in (("train", train), ("val", val))
         }
-        if args.dump_features:
+        if dump is not None:
+            dump.claim()
             dump_features(args.dump_features, splits)
+    if output is not None:
+        output.claim()
     if is_main_process():  # every rank holds all the features: one search is enough
         report(args, splits, run_knn(args, splits, dist_info.device), info)
     end_process()

@@ -56,14 +56,29 @@ from simpool.evaluation.linear_probe import (
     probe_features,
     resolve_num_labels,
     scaled_lrs,
+    stopped_line,
     train_probe,
     train_transform,
 )
-from simpool.run.config import AT_LEAST_ONE, POSITIVE, ConfigError, FlagParser, bad_input, check_ranges
-from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
-from simpool.run.process import end_process, start_process
+from simpool.run.config import (
+    AT_LEAST_ONE,
+    EPOCHS,
+    LEARNING_RATE,
+    SEED,
+    ConfigError,
+    FlagParser,
+    Range,
+    bad_input,
+    check_ranges,
+    check_scaled_lr,
+)
+from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, bool_flag, require_weights
+from simpool.run.model_check import check_image_size
+from simpool.run.output import OutputFolder
+from simpool.run.process import driver, end_process, start_process
 from simpool.run.resume_checks import check_same_run, weights_identity
 from simpool.run.state import RunCheckpoint
+from simpool.run.stop import RunEnd, StopControl, exit_code
 
 log = logging.getLogger("simpool.evaluation.run_linear")  # not __name__: "__main__" under python -m
 RESULTS_FILE = "linear.json"
@@ -129,24 +144,31 @@ def get_args_parser() -> FlagParser:
 def check_linear_flags(args: argparse.Namespace) -> None:
     require_weights(args)
     args.lrs = list(args.lrs or [args.lr])
-    check_ranges(args, {"epochs": AT_LEAST_ONE, "val_freq": AT_LEAST_ONE, "n_last_blocks": AT_LEAST_ONE,
-                        "num_labels": AT_LEAST_ONE, "lrs": POSITIVE})
+    check_ranges(args, {"epochs": EPOCHS, "val_freq": AT_LEAST_ONE, "n_last_blocks": AT_LEAST_ONE,
+                        "num_labels": AT_LEAST_ONE, "lrs": LEARNING_RATE, "seed": SEED, "subset": Range(-1)})
     if len(set(args.lrs)) != len(args.lrs):
         raise ConfigError(f"learning rates must be distinct, got {args.lrs}")
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of eval_linear.py; returns the exit code (2: bad input, found before any training)."""
+    """Entry point of eval_linear.py; returns the exit code (2: bad input, found before any training; 0 / 130 after
+    a stop by SIGTERM / Ctrl-C, which keeps the checkpoint of the last finished epoch)."""
     try:
         args = parse_flags(get_args_parser(), argv)
         check_linear_flags(args)
     except ValueError as err:
         return bad_input(err)
+    control = StopControl()  # before the work: a signal during set-up stops the run at its first step
     dist_info = start_process(args.dist_url)
     device = dist_info.device
     checkpoint = RunCheckpoint(args.output_dir, LINEAR_PROBE_CHECKPOINT, name=CHECKPOINT_FILE)
     try:
-        # Data first (a DataError names the folders), then the model (a CheckpointError lists the misfit keys).
+        # The output folder and the model's values first (nothing read but flags and recorded args), then the
+        # data (a DataError names the folders), then the model (a CheckpointError lists the misfit keys).
+        OutputFolder(args.output_dir).check()
+        backbone_parameters(args)
+        check_scaled_lr(max(args.lrs), args.batch_size_per_gpu * dist_info.world_size, "--lrs")
         val_tf = eval_transform(args.image_size)
         # Cached features are embedded once, so they get the deterministic transform instead of augmentation.
         train_tf = val_tf if args.cached_features else train_transform(args.image_size)
@@ -154,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         train, val, num_classes = labelled_splits(args, train_tf, val_tf, subset=subset)
         num_labels = resolve_num_labels(args.num_labels, num_classes)
         model, source = build_model(args, device)
+        check_image_size(model, args.image_size)
         features, dim = probe_features(model, args.n_last_blocks, args.avgpool_patchtokens)
         _, saved = checkpoint.read()
         if args.evaluate:
@@ -196,8 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                 batches = (image_batches(train, features, batch, workers, dist_info, seed=args.seed),
                            image_batches(val, features, batch, workers, dist_info))
             meta = {**identity, "source": weights_identity(source.as_dict())}
-            train_probe(state, trained, batches, args.epochs, args.val_freq, args.lrs, len(val), checkpoint, meta,
-                        log_extra)
+            stop = train_probe(state, trained, batches, args.epochs, args.val_freq, args.lrs, len(val), checkpoint,
+                               meta, log_extra, control)
+            if stop is not None:
+                log.info(stopped_line(stop, control, state.epoch, checkpoint.path))
+                end_process()
+                return exit_code(RunEnd(stopped=stop), dist_info.rank)
         log_summary(args.lrs, state.best_top1)
         best = max(range(len(args.lrs)), key=lambda h: state.best_top1[h])
         write_json(checkpoint.folder / RESULTS_FILE, {

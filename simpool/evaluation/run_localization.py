@@ -58,9 +58,10 @@ from simpool.evaluation.localization import (
 )
 from simpool.evaluation.object_discovery import map_names
 from simpool.run import ItemResults, shard, weights_identity
-from simpool.run.config import ConfigError, FlagParser, bad_input
-from simpool.run.flags import add_distributed_flags, add_model_flags, require_weights
-from simpool.run.process import end_process, start_process
+from simpool.run.config import IMAGE_SIDE, WORKERS, ConfigError, FlagParser, bad_input, check_ranges
+from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, require_weights
+from simpool.run.output import OutputFolder
+from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_localization")
 RESULTS_FILE = "localization.json"
@@ -222,6 +223,7 @@ def get_args_parser() -> FlagParser:
 
 def check_flags(args: argparse.Namespace) -> None:
     require_weights(args)
+    check_ranges(args, {"image_size": IMAGE_SIDE, "num_workers": WORKERS})
     if args.image_size < 1 or args.batch_size_per_gpu < 1 or args.num_workers < 0 or args.figures < 0:
         raise ConfigError("--image_size and --batch_size_per_gpu must be positive, --num_workers and --figures "
                              ">= 0")
@@ -231,6 +233,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--iou_threshold_list takes percents in (0, 100], got {args.iou_threshold_list}")
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2: bad flags, data or weights, with ``error: ...`` on stderr)."""
     args = get_args_parser().parse_args(argv)
@@ -241,10 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         return bad_input(err)
     dist_info = start_process(args.dist_url)
     try:
+        output = OutputFolder(args.output_dir).check()  # writable, and locked if it exists: one run per folder
+        backbone_parameters(args)  # the model's values, before its weights are read
         model, source = build_model(args, dist_info.device)
         check_applies(model, args.image_size)
         log.info("MaxBoxAccV2 of %s (%s mode) from %s on %d images of %s", source.arch, source.mode,
                  source.weights or "random initialisation", len(data), args.metadata)
+        output.claim()
         result = run_localization(
             model, source.as_dict(), data, args.output_dir, image_size=args.image_size,
             interval=args.cam_curve_interval, iou_thresholds=args.iou_threshold_list,

@@ -41,9 +41,10 @@ from simpool.evaluation.box_figures import COLOURS, draw_boxes, figure_name
 from simpool.evaluation.common import build_model, write_json
 from simpool.evaluation.object_discovery import corloc_summary, discover
 from simpool.run import ItemResults, shard, weights_identity
-from simpool.run.config import ConfigError, FlagParser, bad_input
-from simpool.run.flags import add_distributed_flags, add_model_flags, require_weights
-from simpool.run.process import end_process, start_process
+from simpool.run.config import IMAGE_SIDE, WORKERS, ConfigError, FlagParser, bad_input, check_ranges
+from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, require_weights
+from simpool.run.output import OutputFolder
+from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_object_discovery")
 RESULTS_FILE = "object_discovery.json"
@@ -164,6 +165,7 @@ def get_args_parser() -> FlagParser:
 
 def check_flags(args: argparse.Namespace) -> None:
     require_weights(args)
+    check_ranges(args, {"image_size": IMAGE_SIDE, "num_workers": WORKERS})
     if args.image_size is not None and args.image_size < 1:
         raise ConfigError(f"--image_size must be positive, got {args.image_size}")
     if args.k_patches < 1 or args.num_workers < 0 or args.figures < 0:
@@ -172,6 +174,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--keep must be a mass fraction in (0, 1], got {args.keep}")
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2: bad flags, data or weights, with ``error: ...`` on stderr)."""
     args = get_args_parser().parse_args(argv)
@@ -183,10 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         return bad_input(err)
     dist_info = start_process(args.dist_url)
     try:
+        output = OutputFolder(args.output_dir).check()  # writable, and locked if it exists: one run per folder
+        backbone_parameters(args)  # the model's values, before its weights are read
         model, source = build_model(args, dist_info.device)
         check_applies(model, args.lost_features, args.which_features)
         log.info("object discovery with %s (%s mode) from %s on %d images of %s", source.arch, source.mode,
                  source.weights or "random initialisation", len(data), args.data_path)
+        output.claim()
         result = run_object_discovery(
             model, source.as_dict(), data, args.output_dir, data_path=args.data_path, image_size=args.image_size,
             k_patches=args.k_patches, which=args.which_features, lost_source=args.lost_features, keep=args.keep,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,8 +28,9 @@ from simpool.evaluation.common import add_data_flags, build_model, parse_flags, 
 from simpool.evaluation.feature_cache import model_identity
 from simpool.evaluation.retrieval import run_retrieval
 from simpool.run.config import ConfigError, FlagParser, bad_input
-from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
-from simpool.run.process import end_process, start_process
+from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, bool_flag, require_weights
+from simpool.run.output import OutputFolder
+from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_retrieval")
 
@@ -65,6 +65,7 @@ def format_scores(result: dict[str, Any]) -> str:
     return f">> {result['dataset']}: mAP {maps}\n>> {result['dataset']}: mP@k{kappas} {mpk}"
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2: bad flags, data or weights, found before any model is built)."""
     try:
@@ -81,11 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     dist_info = start_process(args.dist_url)
     device = dist_info.device if args.use_cuda else torch.device("cpu")
     try:
+        output = OutputFolder(args.output_dir).check()
+        if args.cache_dir:  # writable, room; not locked: runs of other weights may share one cache
+            OutputFolder(args.cache_dir, flag="--cache_dir").check(lock=False)
+        backbone_parameters(args)  # the model's values, before any weights are read
         model, source = build_model(args, device)
     except ValueError as err:
         end_process()
         return bad_input(err)
-    output_dir = Path(args.output_dir)
+    output_dir = output.claim()
     log.info("retrieval on %s (%d queries, %d database images + %d distractors) with %s (%s mode) from %s",
              data.name, len(data.qimlist), len(data.imlist), len(distractors), source.arch, source.mode,
              source.weights or "random initialisation")

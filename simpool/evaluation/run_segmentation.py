@@ -44,6 +44,7 @@ from simpool.attention_maps import model_stride
 from simpool.data.segmentation import build_segmentation_splits
 from simpool.distributed import all_reduce_sum, is_main_process
 from simpool.evaluation.common import add_data_flags, build_model, parse_flags, write_json
+from simpool.evaluation.linear_probe import stopped_line
 from simpool.evaluation.segmentation_probe import (
     SEGMENTATION_PROBE_CHECKPOINT,
     SegProbeState,
@@ -56,12 +57,27 @@ from simpool.evaluation.segmentation_probe import (
     save_predictions,
     train_epoch,
 )
-from simpool.run.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, FlagParser, bad_input, check_ranges
-from simpool.run.flags import add_distributed_flags, add_model_flags, require_weights
+from simpool.run.config import (
+    AT_LEAST_ONE,
+    EPOCHS,
+    LEARNING_RATE,
+    MAX_LR,
+    NON_NEGATIVE,
+    SEED,
+    ConfigError,
+    FlagParser,
+    Range,
+    bad_input,
+    check_decoupled_decay,
+    check_ranges,
+)
+from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, require_weights
 from simpool.run.log import append_json_line
-from simpool.run.process import end_process, start_process
+from simpool.run.output import OutputFolder
+from simpool.run.process import driver, end_process, start_process
 from simpool.run.resume_checks import check_same_run, weights_identity
 from simpool.run.state import RunCheckpoint
+from simpool.run.stop import RunEnd, StopControl, exit_code
 
 log = logging.getLogger("simpool.evaluation.run_segmentation")  # not __name__: "__main__" under python -m
 
@@ -95,10 +111,11 @@ def get_args_parser() -> FlagParser:
 
 def check_flags(args: argparse.Namespace) -> None:
     require_weights(args)
-    check_ranges(args, {"epochs": AT_LEAST_ONE, "val_freq": AT_LEAST_ONE, "save_predictions": NON_NEGATIVE,
-                        "lrs": POSITIVE, "weight_decay": NON_NEGATIVE})
+    check_ranges(args, {"epochs": EPOCHS, "val_freq": AT_LEAST_ONE, "save_predictions": NON_NEGATIVE,
+                        "lrs": LEARNING_RATE, "weight_decay": Range(0, MAX_LR), "seed": SEED})
     if len(set(args.lrs)) != len(args.lrs):
         raise ConfigError(f"--lrs must be distinct, got {args.lrs}")
+    check_decoupled_decay(max(args.lrs), args.weight_decay, "--lrs and --weight_decay")
 
 
 def check_stride(model: torch.nn.Module, image_size: int) -> int:
@@ -109,19 +126,24 @@ def check_stride(model: torch.nn.Module, image_size: int) -> int:
     return stride
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (2: bad flags, data or weights, found before any training)."""
+    """Entry point; returns the exit code (2: bad flags, data or weights, found before any training; 0 / 130 after a
+    stop by SIGTERM / Ctrl-C, which keeps the checkpoint of the last finished epoch)."""
     try:
         args = parse_flags(get_args_parser(), argv)
         check_flags(args)
         train, val, classes = build_segmentation_splits(args.data_path, args.image_size)
     except ValueError as err:
         return bad_input(err)
+    control = StopControl()  # before the work: a signal during set-up stops the run at its first step
     dist_info = start_process(args.dist_url)
     device = dist_info.device
     checkpoint = RunCheckpoint(args.output_dir, SEGMENTATION_PROBE_CHECKPOINT, name=CHECKPOINT_FILE)
     output_dir = checkpoint.folder
     try:
+        OutputFolder(args.output_dir).check()
+        backbone_parameters(args)  # the model's values, before its weights are read
         model, source = build_model(args, device)
         check_stride(model, args.image_size)
         with torch.no_grad():
@@ -152,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         train_feats, train_masks = cache_features(features, train, batch, workers, device)
         for epoch in range(state.epoch, args.epochs):
             epoch_lrs = [group["lr"] for group in state.optimizer.param_groups]
-            losses = train_epoch(state.heads, state.batches(train_feats, train_masks, batch), state.optimizer)
+            losses = train_epoch(state.heads, state.batches(train_feats, train_masks, batch), state.optimizer,
+                                 control.asked_to_stop)
+            if losses is None:  # a signal: the epoch in progress is dropped, the checkpoint of the last one kept
+                log.info(stopped_line(control.stopped, control, state.epoch, checkpoint.path))
+                end_process()
+                return exit_code(RunEnd(stopped=control.stopped), dist_info.rank)
             state.scheduler.step()
             stats: dict[str, Any] = {"epoch": epoch, "train_loss": losses.tolist(), "train_lr": epoch_lrs}
             if (epoch + 1) % args.val_freq == 0 or epoch == args.epochs - 1:

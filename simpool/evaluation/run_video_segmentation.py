@@ -32,8 +32,9 @@ from simpool.evaluation.feature_cache import model_identity
 from simpool.evaluation.video_segmentation import FORMAT, run_video_segmentation
 from simpool.run import ItemResults
 from simpool.run.config import ConfigError, FlagParser, bad_input
-from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
-from simpool.run.process import end_process, start_process
+from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, bool_flag, require_weights
+from simpool.run.output import OutputFolder
+from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_video_segmentation")
 RESULTS_FILE = "video_segmentation.json"
@@ -80,6 +81,7 @@ def protocol(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2: bad flags, data or weights, found before any model is built)."""
     try:
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     device = dist_info.device if args.use_cuda else torch.device("cpu")
     output_dir = Path(args.output_dir)
     try:
+        output = OutputFolder(args.output_dir).check()
+        backbone_parameters(args)  # the model's values, before any weights are read
         model, source = build_model(args, device)
         identity = {"format": FORMAT, **model_identity(model, source.as_dict(), getattr(args, "seed", 0)),
                     "data_path": str(Path(args.data_path).resolve()), **protocol(args)}
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         end_process()
         return bad_input(err)
+    output.claim()
     log.info("video segmentation of %d videos with %s (%s mode) from %s", len(videos), source.arch, source.mode,
              source.weights or "random initialisation")
     result = run_video_segmentation(model, videos, output_dir, identity, batch_size=args.batch_size, chunk=args.chunk,

@@ -168,11 +168,15 @@ def cache_features(
 # ----------------------------------------------------------------------------------------------------------
 # training and evaluation
 # ----------------------------------------------------------------------------------------------------------
-def train_epoch(heads: SegmentationHeads, batches: Iterator, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """One SGD step per batch on the sum of the heads' pixel losses; returns each head's mean loss (H,)."""
+def train_epoch(heads: SegmentationHeads, batches: Iterator, optimizer: torch.optim.Optimizer,
+                stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
+    """One SGD step per batch on the sum of the heads' pixel losses; returns each head's mean loss (H,), or None
+    when ``stop()`` (asked before every step; it may be collective) said to abandon the epoch."""
     heads.train()
     loss_sum, steps = torch.zeros(heads.num_heads, device=next(heads.parameters()).device), 0
     for feats, masks in batches:
+        if stop is not None and stop():
+            return None
         masks = masks.long()
         per_head = pixel_loss(heads.upsampled(feats, masks.shape[-2:]), masks)
         optimizer.zero_grad(set_to_none=True)

@@ -21,9 +21,14 @@ from timm.optim import list_optimizers
 
 from simpool.run.config import (
     AT_LEAST_ONE,
+    EPOCHS,
+    IMAGE_SIDE,
+    LEARNING_RATE,
+    MAX_LR,
     NON_NEGATIVE,
-    POSITIVE,
+    SEED,
     UNIT_INTERVAL,
+    WORKERS,
     ConfigError,
     FlagParser,
     Range,
@@ -142,14 +147,18 @@ def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup_prob > 0 and (args.mixup > 0 or args.cutmix > 0)
 
 
+# The upper bounds where values break memory or numerics are the run layer's (simpool.run.config).
 RANGES = {
-    **dict.fromkeys(["epochs", "input_size", "batch_size_per_gpu", "log_every"], AT_LEAST_ONE),
-    **dict.fromkeys(["num_workers", "warmup_epochs", "exit_after_iterations", "weight_decay", "drop_path",
-                     "clip_grad", "reprob", "mixup", "cutmix", "smoothing", "min_lr", "warmup_lr", "momentum"],
-                    NON_NEGATIVE),
-    "lr": POSITIVE, "layer_decay": Range(0, 1, low_open=True), "model_ema_decay": Range(0, 1, high_open=True),
+    **dict.fromkeys(["batch_size_per_gpu", "log_every", "recount"], AT_LEAST_ONE),
+    **dict.fromkeys(["warmup_epochs", "exit_after_iterations", "clip_grad", "mixup", "cutmix"], NON_NEGATIVE),
+    **dict.fromkeys(["min_lr", "warmup_lr", "weight_decay"], Range(0, MAX_LR)),
+    "epochs": EPOCHS, "lr": LEARNING_RATE, "input_size": IMAGE_SIDE, "num_workers": WORKERS, "seed": SEED,
+    "layer_decay": Range(0, 1, low_open=True), "model_ema_decay": Range(0, 1, high_open=True),
     "crop_pct": Range(0, 1, low_open=True), "mixup_prob": UNIT_INTERVAL, "mixup_switch_prob": UNIT_INTERVAL,
-    "hflip": UNIT_INTERVAL,
+    "hflip": UNIT_INTERVAL, "reprob": UNIT_INTERVAL, "drop_path": Range(0, 1, high_open=True),
+    "smoothing": Range(0, 1, high_open=True), "momentum": Range(0, 1, high_open=True), "scale": Range(0, 1),
+    "mean": Range(0, 1), "std": Range(0, 1e3, low_open=True), "color_jitter": Range(0, 1e3),
+    "bce_target_thresh": UNIT_INTERVAL,
 }
 
 
@@ -161,6 +170,8 @@ def validate(args: argparse.Namespace) -> None:
     if not args.data_path:
         raise ConfigError("--data_path is required: a root holding train/ and val/ class folders, or fashion-mnist")
     check_ranges(args, RANGES)
+    if args.scale[0] > args.scale[1] or args.scale[1] == 0:
+        raise ConfigError(f"--scale must be two numbers 0 <= min <= max <= 1 with max > 0, got {args.scale}")
     if args.warmup_epochs > args.epochs:
         raise ConfigError(f"--warmup_epochs ({args.warmup_epochs}) exceeds --epochs ({args.epochs})")
     if args.opt.lower() not in list_optimizers():
@@ -169,6 +180,6 @@ def validate(args: argparse.Namespace) -> None:
     if posterize_needs_mmax9(str(args.aa)):
         raise ConfigError(f"--aa {args.aa}: with this Pillow, timm's posterize crashes at magnitude 10; "
                           f"append -mmax9 (e.g. --aa {args.aa}-mmax9)")
-    if mixup_active(args) and args.mixup_mode != "elem" and args.batch_size_per_gpu % 2:
+    if mixup_active(args) and args.batch_size_per_gpu % 2:  # timm's Mixup asserts it in every --mixup_mode
         raise ConfigError(f"mixup / cutmix mix a batch with its reverse and need an even "
                           f"--batch_size_per_gpu, got {args.batch_size_per_gpu}")

@@ -1,8 +1,10 @@
 """``finetune.py`` / ``simpool-finetune``: supervised fine-tuning of a pretrained backbone with a linear head.
 
 Flags: :mod:`simpool.finetune.config`; the run: :mod:`simpool.finetune.trainer`. Exit codes: 0 when it finished
-or stopped cleanly (preemption signal, ``--exit_after_iterations``; relaunch the same command to resume), 1 when
-a checkpoint cannot be written, 2 for bad input (found before anything is written).
+or stopped cleanly (preemption signal, ``--exit_after_iterations``; relaunch the same command to resume), 130 after
+Ctrl-C (saved the same way; a second Ctrl-C quits at once), 1 when a checkpoint cannot be written or the weights
+stopped being finite, 2 for bad input (found before anything is written; another run holding ``--output_dir``
+included).
 
 Usage::
 
@@ -18,12 +20,13 @@ import sys
 
 from simpool.checkpoint import CheckpointWriteError
 from simpool.finetune.config import parse_finetune_args
-from simpool.finetune.trainer import FineTuneRun
+from simpool.finetune.trainer import FineTuneRun, TrainingStopped
 from simpool.run.config import bad_input
-from simpool.run.process import end_process
-from simpool.run.stop import write_preemption_marker
+from simpool.run.process import driver, end_process
+from simpool.run.stop import exit_code
 
 
+@driver
 def main(argv: list[str] | None = None) -> int:
     """Entry point of finetune.py; returns the exit code (2: bad input, reported before anything is written)."""
     try:
@@ -33,12 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         return bad_input(err)
     try:
         end = run.fit()
-    except CheckpointWriteError as err:
+    except (CheckpointWriteError, TrainingStopped) as err:
         return bad_input(err, code=1)
     end_process()
-    if end.stopped is not None:
-        write_preemption_marker(run.dist.rank)
-    return 0
+    return exit_code(end, run.dist.rank)
 
 
 if __name__ == "__main__":

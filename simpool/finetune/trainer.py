@@ -34,8 +34,18 @@ from simpool.distributed import all_reduce_sum
 from simpool.finetune.data import build_mixup, labelled_splits, train_loader, val_loader
 from simpool.finetune.engine import FineTuneStep, build_criterion, evaluate
 from simpool.finetune.model import FineTuneModel, build_finetune_model, model_record, rebuild_from_record
-from simpool.run.config import flags_record, write_args_yaml
+from simpool.run.config import (
+    ConfigError,
+    check_decoupled_decay,
+    check_scaled_lr,
+    check_schedule_length,
+    flags_record,
+    write_args_yaml,
+)
+from simpool.run.flags import backbone_parameters
 from simpool.run.log import RunLogger, format_seconds
+from simpool.run.model_check import check_image_size, weights_are_finite
+from simpool.run.output import OutputFolder, float32_bytes
 from simpool.run.precision import resolve_precision
 from simpool.run.process import start_process
 from simpool.run.resume_checks import changes, refuse_changes, weights_identity
@@ -44,11 +54,15 @@ from simpool.run.schedules import cosine_scheduler, scaled_lr
 from simpool.run.state import CheckpointFormat, RunCheckpoint
 from simpool.run.stop import RunEnd, StopControl, StopReason
 
-__all__ = ["BEST_FILE", "FINETUNE_CHECKPOINT", "FineTuneRun"]
+__all__ = ["BEST_FILE", "FINETUNE_CHECKPOINT", "FineTuneRun", "TrainingStopped"]
 
 BEST_FILE = "checkpoint_best.pth"
 # The marker of fine-tuning checkpoints (besides FORMAT_KEY, which tells load_pretrained the file is ours).
 FINETUNE_CHECKPOINT = CheckpointFormat("finetune_format", 1, "a fine-tuning checkpoint")
+
+
+class TrainingStopped(RuntimeError):
+    """The weights stopped being finite: the run stops (exit 1) and names the last good checkpoint."""
 
 
 class FineTuneRun:
@@ -63,7 +77,17 @@ class FineTuneRun:
         self.precision = resolve_precision(args.precision, self.device)
 
         # -- everything that can be wrong with the input, before anything is written --------------------------
+        # the output folder first (writable, room for a checkpoint, locked if it exists), sized by the model built
+        # on the meta device (which also checks the --model_overrides values)
+        copies = 1 + (args.model_ema_decay > 0) + 2  # the model, its EMA, two optimizer moments (AdamW, LAMB...)
+        OutputFolder(args.output_dir, need_bytes=float32_bytes(backbone_parameters(args) * copies)).check()
+        global_batch = args.batch_size_per_gpu * self.dist.world_size
+        peak_lr = check_scaled_lr(args.lr, global_batch)
+        if not any(name in args.opt.lower() for name in ("lars", "lamb")):  # trust ratios bound those updates
+            check_decoupled_decay(peak_lr, args.weight_decay, "--lr (scaled by the global batch) and --weight_decay")
         self.train_set, self.val_set, self.classes = labelled_splits(args, self.dist.world_size)
+        self.niter_per_epoch = len(self.train_set) // global_batch  # what the sampler's drop_last leaves
+        check_schedule_length(args.epochs, self.niter_per_epoch)
         self.checkpoint = RunCheckpoint(args.output_dir, FINETUNE_CHECKPOINT)
         _, saved = self.checkpoint.read()
         if saved is None:
@@ -73,6 +97,7 @@ class FineTuneRun:
             self.check_same_run(saved)
             model = rebuild_from_record(saved["args"], len(self.classes), args.drop_path)
             self.source = saved.get("source", {})
+        check_image_size(model.backbone, args.input_size, "--input_size")
         self.model: FineTuneModel = model.to(self.device)
         self.checkpoint.prepare_folder()
         if self.dist.is_main:
@@ -96,8 +121,6 @@ class FineTuneRun:
                                  self.mixup, self.precision, args.clip_grad, self.ema)
         self.loader, self.sampler = train_loader(self.train_set, args, self.dist)
         self.val_loader = val_loader(self.val_set, args, self.dist)
-        self.niter_per_epoch = len(self.sampler) // args.batch_size_per_gpu
-        global_batch = args.batch_size_per_gpu * self.dist.world_size
         self.lr_schedule = cosine_scheduler(scaled_lr(args.lr, global_batch), args.min_lr, args.epochs,
                                             self.niter_per_epoch, warmup_epochs=args.warmup_epochs,
                                             start_warmup_value=args.warmup_lr)
@@ -116,6 +139,13 @@ class FineTuneRun:
         """The same classes and the same starting weights as the run in ``checkpoint.pth`` (else it would mix
         two fine-tunings in one folder)."""
         where = self.checkpoint.path
+        done = int(saved.get("iteration", 0))
+        epochs_done, partial = divmod(done, self.niter_per_epoch)
+        if epochs_done > self.args.epochs or (epochs_done == self.args.epochs and partial):
+            reached = f"{epochs_done} epoch(s)" + (f" and {partial} iterations of the next" if partial else "")
+            raise ConfigError(f"{where} has trained {reached}, more than --epochs {self.args.epochs} asks for: "
+                              f"relaunch with --epochs {epochs_done + bool(partial)} or more to continue it, or use "
+                              "another --output_dir for a shorter run")
         if saved["classifier"]["classes"] != self.classes:
             raise ValueError(f"{where} was trained on other classes than {self.args.data_path}'s: use another "
                              "--output_dir")
@@ -146,6 +176,13 @@ class FineTuneRun:
         }
 
     def save(self, best: bool = False) -> None:
+        """checkpoint.pth (and checkpoint_best.pth) atomically on rank 0; weights that are no longer finite are never
+        written over the last good checkpoint: :class:`TrainingStopped` (exit 1) instead."""
+        if not weights_are_finite(self.model):
+            raise TrainingStopped(f"the weights are no longer finite at iteration {self.iteration} (the loss or an "
+                                  f"update overflowed); not saved. Last good checkpoint: "
+                                  f"{self.checkpoint.last_written or 'none was written yet'}. Try a lower --lr, "
+                                  "--clip_grad, or --precision fp32")
         self.checkpoint.write(self.state() if self.dist.is_main else None, keep_as=BEST_FILE if best else None)
 
     def resume(self, saved: dict[str, Any]) -> None:
@@ -161,39 +198,51 @@ class FineTuneRun:
 
     # -- training ------------------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> tuple[dict[str, float] | None, StopReason | None]:
-        """Train one epoch: (stats, None); (None, reason) when stopped early (checkpoint written)."""
+        """Train one epoch: (stats, None); (None, reason) when stopped early (checkpoint written).
+
+        Every batch is agreed on by all ranks (one CPU collective, as the DINO trainer): a batch whose images were
+        all unreadable on any rank is skipped by every rank (DDP needs the same number of backward passes), and
+        counts as consumed. With mixup, a batch that lost an odd number of unreadable images also gives up its last
+        sample (timm's Mixup pairs a batch with its reverse and needs an even one); both are counted in the log.
+        """
         niter = self.niter_per_epoch
         start_batch = self.iteration - epoch * niter
         self.sampler.set_epoch(epoch, start_batch=start_batch)
         self.loader.generator.manual_seed(self.args.seed + 7919 * epoch + self.dist.rank)  # worker seeds
         self.train_model.train()
         loss_sum, steps, epoch_start = torch.zeros((), device=self.device), 0, time.perf_counter()
+        unreadable = dropped_for_mixup = skipped_batches = 0
         self.log.start_epoch(epoch, self.args.epochs, niter, initial=start_batch)
-        for batch_index, (images, labels, _) in enumerate(self.loader, start=start_batch):
-            if images is None:
-                continue
-            lr = float(self.lr_schedule[self.iteration])
-            loss = self.step(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
-                             lr, self.iteration)
-            loss_sum += loss.float()
-            self.iteration += 1
-            steps += 1
+        for batch_index, (images, labels, num_bad) in enumerate(self.loader, start=start_batch):
+            unreadable += int(num_bad)
+            if images is not None and self.mixup is not None and images.shape[0] % 2:
+                images, labels = (images[:-1], labels[:-1]) if images.shape[0] > 1 else (None, None)
+                dropped_for_mixup += 1
             done = batch_index + 1
+            agreed = self.stop_control.agree(self.iteration + 1, [images is not None])
+            lr = float(self.lr_schedule[self.iteration])
+            if agreed.on_all[0]:
+                loss = self.step(images.to(self.device, non_blocking=True),
+                                 labels.to(self.device, non_blocking=True), lr, self.iteration)
+                loss_sum += loss.float()
+                steps += 1
+            else:
+                skipped_batches += 1
+            self.iteration += 1
             if done % self.args.log_every == 0 or done == niter:
                 remaining = self.args.epochs * niter - self.iteration  # training steps; evaluation not counted
-                eta = (time.perf_counter() - epoch_start) / steps * remaining
-                self.log.progress(done, niter, epoch, {"loss": (loss_sum / steps).item(), "lr": lr, "eta_s": eta},
-                                  step=self.iteration)
-            if done != niter:
-                stop = self.stop_control.agree(self.iteration).stop
-                if stop is not None:
-                    self.save()
-                    return None, stop
+                eta = (time.perf_counter() - epoch_start) / max(steps, 1) * remaining
+                self.log.progress(done, niter, epoch, {"loss": (loss_sum / max(steps, 1)).item(), "lr": lr,
+                                                       "eta_s": eta}, step=self.iteration)
+            if agreed.stop is not None and done != niter:
+                self.save()
+                return None, agreed.stop
         self.log.end_epoch()
-        totals = all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(steps, dtype=torch.float64,
-                                                                              device=self.device)]))
-        return {"loss": float(totals[0] / totals[1].clamp(min=1)),
-                "lr": float(self.lr_schedule[self.iteration - 1])}, None
+        totals = all_reduce_sum(torch.tensor([float(loss_sum), float(steps), unreadable, dropped_for_mixup],
+                                             dtype=torch.float64, device=self.device))
+        return {"loss": float(totals[0] / totals[1].clamp(min=1)), "lr": float(self.lr_schedule[self.iteration - 1]),
+                "unreadable_images": int(totals[2]), "dropped_for_mixup": int(totals[3]),
+                "skipped_batches": skipped_batches}, None
 
     def fit(self) -> RunEnd:
         args, start = self.args, time.perf_counter()

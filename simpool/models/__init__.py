@@ -12,9 +12,18 @@
 
 from simpool.models.base import AUTO_GAMMA, MODES, PooledBackbone
 from simpool.models.cnn import SimPoolConvNeXt, SimPoolResNet
-from simpool.models.registry import ARCHS, ArchSpec, arch_family, build_backbone, default_gamma, is_known_arch
+from simpool.models.registry import (
+    ARCHS,
+    ArchSpec,
+    accepted_keywords,
+    arch_family,
+    build_backbone,
+    default_gamma,
+    is_known_arch,
+)
 from simpool.models.timm_any import TimmBackbone
 from simpool.models.vit import SimPoolViT
 
 __all__ = ["ARCHS", "AUTO_GAMMA", "MODES", "ArchSpec", "PooledBackbone", "SimPoolConvNeXt", "SimPoolResNet",
-           "SimPoolViT", "TimmBackbone", "arch_family", "build_backbone", "default_gamma", "is_known_arch"]
+           "SimPoolViT", "TimmBackbone", "accepted_keywords", "arch_family", "build_backbone", "default_gamma",
+           "is_known_arch"]

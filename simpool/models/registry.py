@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -72,6 +73,21 @@ def arch_family(arch: str) -> str:
     if timm.is_model(arch):
         return "timm"
     raise _unknown_arch(arch)
+
+
+def accepted_keywords(arch: str) -> set[str] | None:
+    """Keywords the backbone class of ``arch`` and its timm base classes take (``depth``, ``embed_dim``, ...,
+    ``patch_size``, ``drop_path_rate``), or None for other timm models (timm checks those when it builds them)."""
+    if arch not in ARCHS:
+        return None
+    names: set[str] = set()
+    for cls in ARCHS[arch].cls.__mro__:
+        if "__init__" not in vars(cls) or cls.__module__.startswith("torch."):
+            continue
+        for param in inspect.signature(cls.__init__).parameters.values():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and param.name != "self":
+                names.add(param.name)
+    return names - {"mode", "gamma", "arch"}
 
 
 def default_gamma(arch: str) -> float | None:

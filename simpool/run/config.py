@@ -33,9 +33,10 @@ import yaml
 
 from simpool.checkpoint import atomic_write_text
 
-__all__ = ["AT_LEAST_ONE", "FINITE", "NON_NEGATIVE", "POSITIVE", "UNIT_INTERVAL", "ConfigError", "FlagParser",
-           "Range", "bad_input", "check_ranges", "flags_record", "load_yaml_flags", "parse_over_config",
-           "write_args_yaml"]
+__all__ = ["AT_LEAST_ONE", "EPOCHS", "FINITE", "IMAGE_SIDE", "LEARNING_RATE", "MAX_LR", "MAX_SCHEDULE_ITERATIONS",
+           "NON_NEGATIVE", "POSITIVE", "SEED", "TEMPERATURE", "UNIT_INTERVAL", "WORKERS", "ConfigError",
+           "FlagParser", "Range", "bad_input", "check_decoupled_decay", "check_ranges", "check_scaled_lr",
+           "check_schedule_length", "flags_record", "load_yaml_flags", "parse_over_config", "write_args_yaml"]
 
 
 class ConfigError(ValueError):
@@ -182,11 +183,14 @@ class Range:
         return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
 
     def describe(self, value: Any) -> str:
+        def number(bound: float) -> str:
+            return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e12 else f"{bound:g}"
+
         bounds = []
         if self.low is not None:
-            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+            bounds.append(f"{'>' if self.low_open else '>='} {number(self.low)}")
         if self.high is not None:
-            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+            bounds.append(f"{'<' if self.high_open else '<='} {number(self.high)}")
         kind = "an integer" if isinstance(value, int) and not isinstance(value, bool) else "a finite number"
         return f"{kind} {' and '.join(bounds)}".strip()
 
@@ -197,6 +201,25 @@ AT_LEAST_ONE = Range(1)
 UNIT_INTERVAL = Range(0, 1)
 FINITE = Range()
 
+# Upper bounds where a value breaks memory or numerics (benchmarks/numeric_limits.py measures the numerics).
+# Per-iteration schedules are float64 arrays of epochs x iterations per epoch (4 of them in DINO): 10^8 iterations
+# (3.2 GB of schedules; 800 ImageNet epochs at a global batch of 16 are 6.4 x 10^7) is the most a run may ask.
+MAX_SCHEDULE_ITERATIONS = 100_000_000
+EPOCHS = Range(1, MAX_SCHEDULE_ITERATIONS)
+# The peak lr, after the linear scaling rule: the demo ViT's weights turn non-finite within 3 steps from 1e6 with
+# AdamW (1e10 with SGD or LARS); 1e4 keeps two orders of magnitude below that.
+MAX_LR = 1e4
+LEARNING_RATE = Range(0, MAX_LR, low_open=True)
+# Temperatures divide float32 logits / cosine similarities: the DINO loss turns non-finite at 1e-39 (float32's
+# smallest numbers); above 1e30 every distribution is uniform to float32 precision anyway.
+TEMPERATURE = Range(1e-30, 1e30)
+# Image sides: a 3 x 8192 x 8192 float32 crop is 0.8 GB; larger ones exhaust memory before they help.
+IMAGE_SIDE = Range(1, 8192)
+# Loader processes per rank: more than any node has cores only exhausts process and memory limits.
+WORKERS = Range(0, 256)
+# numpy's generators take seeds in [0, 2^32); ranks add their index.
+SEED = Range(0, 2**32 - 2**16)
+
 
 def check_ranges(args: argparse.Namespace, ranges: Mapping[str, Range]) -> None:
     """Raise ``ConfigError("--name must be <range>, got <value>")`` for the first flag outside its range
@@ -206,6 +229,34 @@ def check_ranges(args: argparse.Namespace, ranges: Mapping[str, Range]) -> None:
         for item in value if isinstance(value, list | tuple) else [value]:
             if item is not None and not allowed.contains(item):
                 raise ConfigError(f"--{name} must be {allowed.describe(item)}, got {value}")
+
+
+def check_schedule_length(epochs: int, niter_per_epoch: int) -> None:
+    """Refuse schedules longer than :data:`MAX_SCHEDULE_ITERATIONS` before any is allocated."""
+    total = int(epochs) * int(niter_per_epoch)
+    if total > MAX_SCHEDULE_ITERATIONS:
+        raise ConfigError(f"--epochs {epochs} x {niter_per_epoch} iterations per epoch = {total:,} iterations, more "
+                          f"than {MAX_SCHEDULE_ITERATIONS:,} (the per-iteration schedules alone would need "
+                          f"{total * 32 / 2**30:,.0f} GiB): lower --epochs or raise the batch size")
+
+
+def check_scaled_lr(lr: float, global_batch: int, flag: str = "--lr") -> float:
+    """The peak lr after the linear scaling rule (``lr * global_batch / 256``), refused above :data:`MAX_LR`."""
+    scaled = lr * global_batch / 256.0
+    if not scaled <= MAX_LR:
+        raise ConfigError(f"{flag} {lr:g} x global batch {global_batch} / 256 = {scaled:g}, above {MAX_LR:g}, where "
+                          f"the updates themselves overflow float32 weights: lower {flag}")
+    return scaled
+
+
+def check_decoupled_decay(peak_lr: float, weight_decay: float, flags: str = "--lr and --weight_decay") -> None:
+    """Weight decay multiplies the weights by ``1 - lr * wd`` every step (AdamW, and SGD's coupled decay to first
+    order): above 1 the factor is negative and above 2 it grows the weights geometrically to inf (to non-finite
+    losses within 20 steps from lr * wd = 1e12 on the demo ViT); refused above 1."""
+    if peak_lr * weight_decay > 1:
+        raise ConfigError(f"{flags}: the peak lr {peak_lr:g} x weight decay {weight_decay:g} = "
+                          f"{peak_lr * weight_decay:g} > 1 makes the decay factor 1 - lr * wd negative (weights flip "
+                          "sign and grow every step): lower one of them")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,18 +18,21 @@ Example:
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 import yaml
 
 from simpool.data.build import SourceOptions
-from simpool.loading import FROM_CHECKPOINT
+from simpool.loading import FROM_CHECKPOINT, model_builder
 from simpool.models.base import AUTO_GAMMA, MODES
 from simpool.run.config import ConfigError
+from simpool.run.model_check import checked_build, parameter_count
 
 __all__ = [
     "AUTO_GAMMA", "add_backbone_flags", "add_data_source_flags", "add_distributed_flags", "add_model_flags",
-    "backbone_flags", "bool_flag", "data_source_options", "float_or_none", "key_value", "require_weights",
+    "backbone_flags", "backbone_parameters", "bool_flag", "check_gamma", "data_source_options", "float_or_none",
+    "key_value", "require_weights",
 ]
 
 
@@ -90,6 +93,27 @@ def backbone_flags(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]
         "patch_size": getattr(args, f"{prefix}patch_size"),
         **overrides,
     }
+
+
+def check_gamma(args: argparse.Namespace, prefix: str = "") -> None:
+    """``--gamma``: a finite number > 0, ``None``, ``auto`` or not given (a NaN exponent makes NaN features)."""
+    gamma = getattr(args, f"{prefix}gamma")
+    if isinstance(gamma, float) and not (math.isfinite(gamma) and gamma > 0):
+        raise ConfigError(f"--{prefix}gamma must be a finite number > 0, 'None' or 'auto', got {gamma}")
+
+
+def backbone_parameters(args: argparse.Namespace, prefix: str = "") -> int:
+    """Parameters of the backbone the weights flags (:func:`add_model_flags`) describe, built on the meta device
+    before any weight is read (only an export folder's ``config.json`` or a checkpoint's recorded args are): the
+    model flags' values are checked (``--model_overrides depth=-1`` is one ConfigError) and the count sizes what
+    the run writes (:class:`simpool.run.output.OutputFolder`)."""
+    check_gamma(args, prefix)
+    flags = backbone_flags(args, prefix)
+    build = model_builder(getattr(args, "pretrained_weights", None) or None, getattr(args, "checkpoint_key", "teacher"),
+                          random_init=bool(getattr(args, "random_init", False)), **flags)
+    given = " ".join(f"{k}={v}" for item in getattr(args, f"{prefix}model_overrides") for k, v in item.items())
+    what = f"the model of {getattr(args, 'pretrained_weights', None) or 'random initialisation'}"
+    return parameter_count(checked_build(build, what + (f" with --{prefix}model_overrides {given}" if given else "")))
 
 
 def add_data_source_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:

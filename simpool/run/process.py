@@ -5,20 +5,33 @@ device, creates the CPU control group every rank needs for agreed stops (collect
 leave a loop) and routes logging by rank. ``end_process`` makes the ranks leave together: a rank exiting while
 its peer's gloo threads still talk to it made the peer abort ("terminate called without an active exception").
 
+``driver`` wraps every command line's ``main``: Ctrl-C in a driver without a loop of steps (``KeyboardInterrupt``)
+is one line and exit 130 instead of a traceback, and whatever the way out, the folder locks of the run
+(:mod:`simpool.run.lock`) are released and the signal handlers it replaced put back (in-process runs).
+
 Example:
-    >>> dist_info = start_process(args.dist_url)
-    >>> ...
-    >>> end_process()
+    >>> @driver
+    ... def main(argv=None) -> int:
+    ...     dist_info = start_process(args.dist_url)
+    ...     ...
+    ...     end_process()
+    ...     return 0
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+
 import torch
 
 from simpool.distributed import DistInfo, barrier, cleanup, control_group, init_distributed
+from simpool.run.lock import release_folders
 from simpool.run.log import setup_logging
+from simpool.run.stop import INTERRUPT_EXIT_CODE, restore_signal_handlers
 
-__all__ = ["end_process", "start_process"]
+__all__ = ["driver", "end_process", "start_process"]
 
 
 def start_process(dist_url: str = "env://", backend: str | None = None, tf32: bool = False) -> DistInfo:
@@ -39,6 +52,28 @@ def start_process(dist_url: str = "env://", backend: str | None = None, tf32: bo
 
 
 def end_process() -> None:
-    """Every rank meets, then leaves the process group (a no-op for a single process)."""
+    """Every rank meets, then leaves the process group (a no-op for a single process); the run's folder locks
+    are released."""
     barrier()
     cleanup()
+    release_folders()
+
+
+def driver(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Wrap a command line's ``main(argv) -> exit code``: ``KeyboardInterrupt`` (Ctrl-C where no
+    :class:`~simpool.run.stop.StopSignals` is installed) becomes one line on stderr and exit 130; on every way
+    out the folder locks are released and replaced signal handlers restored."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C): stopped; every file is written whole or not at all, so a rerun of the "
+                  "same command starts cleanly", file=sys.stderr)
+            return INTERRUPT_EXIT_CODE
+        finally:
+            release_folders()
+            restore_signal_handlers()
+
+    return wrapped

@@ -31,6 +31,7 @@ from typing import Any
 
 from simpool.checkpoint import CheckpointError, atomic_save, remove_stale_temp_files, safe_load
 from simpool.distributed import barrier, is_main_process
+from simpool.run.output import OutputFolder
 
 __all__ = ["CheckpointFormat", "RunCheckpoint", "newest_readable_checkpoint", "unreadable_checkpoint_error"]
 
@@ -131,10 +132,12 @@ class RunCheckpoint:
         return source, self.format.check(state, source)
 
     def prepare_folder(self) -> None:
-        """Rank 0: create the folder and remove the temporary files of saves a kill interrupted."""
+        """Collective, before the run's first write: rank 0 creates the folder and takes its lock
+        (:meth:`simpool.run.output.OutputFolder.claim`; a ConfigError when another run holds it), then removes the
+        temporary files of saves a kill interrupted (safe now: no other run writes there)."""
+        OutputFolder(self.folder).claim()
         if not is_main_process():
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         stale = remove_stale_temp_files(self.folder)
         if stale:
             log.info("removed %d temporary file(s) of interrupted saves: %s", len(stale),
