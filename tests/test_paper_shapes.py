@@ -5,7 +5,10 @@ ConvNeXt-S, random-initialised and trained two DINO steps here, and the referenc
 fixtures), through each command-line tool as a subprocess from the repository root: ``train_dino.py`` (step 1,
 stop, relaunch: step 2), ``eval_knn.py``, ``eval_linear.py``, the segmentation probe, ``finetune.py``,
 ``utils/export_backbone.py --onnx`` (onnxruntime against torch at 224x224 and 160x224), ``load_backbone`` and
-``torch.hub.load``, ``utils/visualize_attention.py --pca`` and the attention scores.
+``torch.hub.load``, ``utils/visualize_attention.py --pca``, the attention scores, ``utils/plot_log.py``, SimPool's
+tables (``simpool-localization``, ``simpool-object-discovery``, ``simpool-background-robustness`` with its probe)
+and DINO's other evaluators (``simpool-retrieval``, ``simpool-copy-detection``, ``simpool-video-segmentation``),
+each on data generated at 224 px in its authors' layout.
 
 Data: a 224x256 ImageFolder of fashion-on-photos in two classes (2 train + 2 val images each) and
 ``fashion-on-photos:4``. The commands run two at a time, one thread each (2 cores), in a pool that starts, when the
@@ -107,9 +110,31 @@ def python(*argv: str | Path) -> Ran:
     return Ran(argv, done.returncode, done.stdout, done.stderr, time.monotonic() - start)
 
 
+def write_layouts(root: Path) -> dict[str, Path]:
+    """The evaluators' data sets, generated at 224 px in their authors' layouts (a few images each)."""
+    from simpool.data.generated.bg_challenge import write_bg_challenge
+    from simpool.data.generated.copydays import write_copydays_style
+    from simpool.data.generated.davis import write_davis_style
+    from simpool.data.generated.revisitop import write_revisitop_style
+    from simpool.data.generated.voc_detection import write_voc_detection
+    from simpool.data.generated.wsol import write_wsol
+
+    images, metadata = write_wsol(root / "wsol", 4, image_size=224)
+    write_revisitop_style(root / "revisitop", num_queries=2, easy=1, hard=1, junk=1, negatives=2, long_side=224)
+    write_davis_style(root / "davis", num_videos=1, num_frames=3, size=(224, 256))
+    return {"wsol_images": images, "wsol_metadata": metadata, "voc": write_voc_detection(root / "voc", 4, 224),
+            "in9": write_bg_challenge(root / "in9", n_val=9, n_train=9, image_size=224),
+            "revisitop": root / "revisitop", "davis": root / "davis",
+            "copydays": write_copydays_style(root / "copydays", num_originals=2, strong_per_original=1,
+                                             distractors=2, whitening=4, size=(224, 256), jpeg_qualities=(50,),
+                                             crops=(50,))}
+
+
 def tool_argv(tool: str, weights: Path, flags: list[str], out: Path, data: Path) -> list[str | Path]:
     """The command line of ``tool`` on ``weights`` (with the model ``flags`` they need), writing under ``out``."""
     images = ["--data_path", data, "--num_workers", "0", "--batch_size_per_gpu", "4"]
+    layouts = {name: data.parent / "layouts" / name for name in ("wsol", "voc", "in9", "revisitop", "davis")}
+    quiet = ["--num_workers", "0", "--no_progress"]
     return {
         "eval_knn": ["eval_knn.py", "--pretrained_weights", weights, *flags, *images, "--nb_knn", "1", "2",
                      "--output_dir", out],
@@ -126,10 +151,41 @@ def tool_argv(tool: str, weights: Path, flags: list[str], out: Path, data: Path)
                       data / "val" / image_folder_class_names(2)[1], "--output_dir", out, "--pca"],
         "attention": ["-m", "simpool.evaluation.attention", "--pretrained_weights", weights, *flags, "--data_path",
                       "fashion-on-photos:4", "--image_size", "224", "--output", out / "attention.json"],
+        "localization": ["-m", "simpool.evaluation.run_localization", "--pretrained_weights", weights, *flags,
+                         "--data_path", layouts["wsol"] / "images", "--metadata",
+                         layouts["wsol"] / "metadata" / "FOP" / "test", "--image_size", "224", "--figures", "1",
+                         *quiet, "--output_dir", out],
+        "object_discovery": ["-m", "simpool.evaluation.run_object_discovery", "--pretrained_weights", weights, *flags,
+                             "--data_path", layouts["voc"] / "VOCdevkit" / "VOC2007", "--figures", "1", *quiet,
+                             "--output_dir", out],
+        "retrieval": ["-m", "simpool.evaluation.run_retrieval", "--pretrained_weights", weights, *flags,
+                      "--data_path", layouts["revisitop"], "--imsize", "224", "--num_workers", "0",
+                      "--output_dir", out],
+        "copy_detection": ["-m", "simpool.evaluation.run_copy_detection", "--pretrained_weights", weights, *flags,
+                           "--data_path", data.parent / "layouts" / "copydays" / "copydays", "--whitening_path",
+                           data.parent / "layouts" / "copydays" / "whitening", "--distractors_path",
+                           data.parent / "layouts" / "copydays" / "distractors", "--imsize", "224",
+                           "--num_workers", "0", "--output_dir", out],
+        "video_segmentation": ["-m", "simpool.evaluation.run_video_segmentation", "--pretrained_weights", weights,
+                               *flags, "--data_path", layouts["davis"], "--short_side", "224", "--output_dir", out],
+        "plot_log": ["utils/plot_log.py", weights.parent, "--out", out / "curves.png"],
     }[tool]
 
 
-TOOLS = ["eval_knn", "eval_linear", "segmentation", "finetune", "export", "visualize", "attention"]
+def background_robustness(weights: Path, flags: list[str], out: Path, in9: Path) -> Ran:
+    """The linear probe of ``eval_linear.py`` on IN-9's original images, then the tool on every variant."""
+    probe = python("eval_linear.py", "--pretrained_weights", weights, *flags, "--data_path", in9 / "original",
+                   "--image_size", "224", "--epochs", "1", "--num_workers", "0", "--batch_size_per_gpu", "9",
+                   "--output_dir", out / "probe")
+    if probe.returncode != 0:
+        return probe
+    return python("-m", "simpool.evaluation.run_background_robustness", "--pretrained_weights", weights, *flags,
+                  "--probe", out / "probe", "--data_path", in9, "--image_size", "224", "--batch_size_per_gpu", "9",
+                  "--num_workers", "0", "--no_progress", "--output_dir", out)
+
+
+TOOLS = ["eval_knn", "eval_linear", "segmentation", "finetune", "export", "visualize", "attention", "localization",
+         "object_discovery", "background_robustness", "retrieval", "copy_detection", "video_segmentation", "plot_log"]
 # test function -> the job it reads: ("train" | tool, network) or (tool, reference checkpoint)
 JOB_OF_TEST = {"test_train_dino_two_steps_stop_and_resume": "train", "test_load_backbone_and_torch_hub": "export",
                **{f"test_{tool}": tool for tool in TOOLS}}
@@ -202,6 +258,8 @@ class Tier:
                 raise RuntimeError("reference fixtures not found; set SIMPOOL_FIXTURES to their folder")
             file, flags = REFERENCE[name]
             weights = self.reference_dir / file
+        if tool == "background_robustness":
+            return background_robustness(weights, flags, out, self.data.parent / "layouts" / "in9")
         return python(*tool_argv(tool, weights, flags, out, self.data))
 
 
@@ -213,6 +271,7 @@ def _reference_dir() -> Path | None:
 def tier(request, tmp_path_factory) -> Tier:
     root = tmp_path_factory.mktemp("paper")
     write_image_folder(root / "data", per_class=2, num_classes=2, size=(224, 256))  # 4 train + 4 val images
+    write_layouts(root / "layouts")
     run = Tier(root, root / "data", _reference_dir())
     wanted = set()
     for item in request.session.items:
@@ -403,3 +462,66 @@ def test_reference_weights(tier, reference, tool):
             assert_same_size_pngs(folder, {"image.png", "pca.png", "attention.png", "mask.png"})
     elif tool == "attention":
         assert json.loads((out / "attention.json").read_text())["num_images"] == 4
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SimPool's tables and DINO's other evaluators on the trained networks
+# ------------------------------------------------------------------------------------------------------------
+def read_result(tier: Tier, net: str, tool: str, name: str) -> dict:
+    tier.result((tool, net)).ok()
+    return json.loads((tier.root / net / tool / name).read_text())
+
+
+@pytest.mark.parametrize("net", list(NETWORKS))
+def test_localization(tier, net):
+    result = read_result(tier, net, "localization", "localization.json")
+    assert result["num_images"] == 4 and result["rows"]
+    assert all(0 <= value <= 100 for value in result["rows"].values())
+    assert len(list((tier.root / net / "localization" / "figures").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("net", list(NETWORKS))
+def test_object_discovery(tier, net):
+    result = read_result(tier, net, "object_discovery", "object_discovery.json")
+    assert result["num_images"] == 4
+    convnet = not net.startswith("vit")
+    assert any(name.startswith("LOST") for name in result["rows"]) != convnet  # LOST needs a ViT's keys
+    assert all(0 <= value <= 100 for value in result["rows"].values())
+
+
+@pytest.mark.parametrize("net", list(NETWORKS))
+def test_background_robustness(tier, net):
+    result = read_result(tier, net, "background_robustness", "background_robustness.json")
+    assert set(result["accuracy"]) >= {"original", "mixed_rand", "mixed_next", "only_fg", "no_fg"}
+    assert all(0 <= value <= 100 for value in result["accuracy"].values())
+    assert set(result["num_images"].values()) == {9}
+
+
+@pytest.mark.parametrize("net", list(NETWORKS))
+def test_retrieval(tier, net):
+    result = read_result(tier, net, "retrieval", "retrieval_roxford5k.json")
+    assert result["num_queries"] == 2
+    for setup in ("medium", "hard"):
+        assert 0 <= result[setup]["map"] <= 100
+
+
+@pytest.mark.parametrize("net", list(NETWORKS))
+def test_copy_detection(tier, net):
+    result = read_result(tier, net, "copy_detection", "copy_detection.json")
+    assert "strong" in result["map"] and all(0 <= v <= 1 for v in result["map"].values())
+
+
+@pytest.mark.parametrize("net", list(NETWORKS))
+def test_video_segmentation(tier, net):
+    result = read_result(tier, net, "video_segmentation", "video_segmentation.json")
+    assert 0 <= result["J&F-Mean"] <= 1
+    video = next(p for p in (tier.root / net / "video_segmentation").iterdir() if p.is_dir() and p.name != "features")
+    with Image.open(sorted(video.glob("*.png"))[-1]) as png:
+        assert png.mode == "P" and png.size == (256, 224)  # indexed, at the frames' own size
+
+
+@pytest.mark.parametrize("net", list(NETWORKS))
+def test_plot_log(tier, net):
+    tier.result(("plot_log", net)).ok()
+    with Image.open(tier.root / net / "plot_log" / "curves.png") as png:
+        assert png.size[0] > 400
