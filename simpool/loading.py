@@ -234,20 +234,6 @@ def _check_arch_fits_the_run(arch: str | None, recorded_arch: str | None, record
                      f"weights of a {arch}")
 
 
-def _check_arch_fits_the_run(arch: str | None, recorded_arch: str | None, recorded_mode: str, source: str) -> None:
-    """--arch of another family than the run's (a ResNet for ViT weights) can never load: say so before building.
-
-    Names this simpool does not know (DINO's ``deit_small``) are left to the weight check, which names the keys.
-    """
-    if not arch or not recorded_arch or arch == recorded_arch:
-        return
-    if not (is_known_arch(arch) and is_known_arch(recorded_arch)) or arch_family(arch) == arch_family(recorded_arch):
-        return
-    raise ValueError(f"the weights in {source} are a {recorded_arch} ({recorded_mode} mode, as their training args "
-                     f"record); --arch {arch} does not fit them: drop --arch to load the {recorded_arch}, or pass "
-                     f"weights of a {arch}")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the export folder
 # ----------------------------------------------------------------------------------------------------------

@@ -41,10 +41,11 @@ from simpool.evaluation.features import num_classes_of
 from simpool.loading import ModelSource, load_model
 from simpool.models import PooledBackbone
 from simpool.run.config import AT_LEAST_ONE, IMAGE_SIDE, WORKERS, ConfigError, check_ranges
-from simpool.run.flags import add_data_source_flags, backbone_flags, data_source_options
+from simpool.run.flags import add_data_source_flags, backbone_flags, backbone_parameters, data_source_options
+from simpool.run.output import OutputFolder
 
-__all__ = ["add_data_flags", "build_model", "labelled_splits", "parse_flags", "require_data_path",
-           "results_folder", "write_json"]
+__all__ = ["add_data_flags", "build_model", "checked_frozen_model", "labelled_splits", "parse_flags",
+           "require_data_path", "results_folder", "write_json"]
 
 
 def add_data_flags(parser: argparse.ArgumentParser, batch_size: int = 128) -> None:
@@ -98,6 +99,20 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[PooledB
     for param in model.parameters():
         param.requires_grad_(False)
     return model, source
+
+
+def checked_frozen_model(args: argparse.Namespace, device: torch.device, cache_dir: str | None = None
+                         ) -> tuple[PooledBackbone, ModelSource, OutputFolder]:
+    """What an evaluator with an output folder checks before its work, cheapest first: the folder (writable, room,
+    locked if it exists: one run per folder; a shared feature ``cache_dir`` is checked but not locked), the model's
+    values on the meta device before any weight is read, then the frozen model on ``device`` (:func:`build_model`).
+    Call :meth:`OutputFolder.claim` on the returned folder before the first write."""
+    output = OutputFolder(args.output_dir).check()
+    if cache_dir:  # runs of other weights may share one cache: checked, not locked
+        OutputFolder(cache_dir, flag="--cache_dir").check(lock=False)
+    backbone_parameters(args)
+    model, source = build_model(args, device)
+    return model, source, output
 
 
 def results_folder(weights: str | os.PathLike) -> Path:

@@ -35,13 +35,12 @@ from tqdm import tqdm
 from simpool.data.bg_challenge import IN9_CLASSES, find_variants, in9_folder
 from simpool.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process
 from simpool.evaluation.background_robustness import ProbeHead, load_probe_head
-from simpool.evaluation.common import build_model, write_json
+from simpool.evaluation.common import checked_frozen_model, write_json
 from simpool.evaluation.features import IMAGENET_MEAN, IMAGENET_STD, feature_fn
 from simpool.run import ItemResults, changes, weights_identity
 from simpool.run.config import IMAGE_SIDE, WORKERS, ConfigError, FlagParser, bad_input, check_ranges
-from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, bool_flag, require_weights
+from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
 from simpool.run.model_check import check_image_size
-from simpool.run.output import OutputFolder
 from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_background_robustness")
@@ -187,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return bad_input(err)
     dist_info = start_process(args.dist_url)
     try:
-        output = OutputFolder(args.output_dir).check()  # writable, and locked if it exists: one run per folder
-        backbone_parameters(args)  # the model's values, before its weights are read
-        model, source = build_model(args, dist_info.device)
+        model, source, output = checked_frozen_model(args, dist_info.device)
         check_image_size(model, args.image_size)
         log.info("IN-9 accuracy of %s (%s mode) from %s with the probe of %s (lr %g, %d classes) on %s", source.arch,
                  source.mode, source.weights or "random initialisation", args.probe, head.lr, head.num_labels,

@@ -20,12 +20,11 @@ import sys
 import torch
 
 from simpool.data.copydays import list_images, read_copydays
-from simpool.evaluation.common import add_data_flags, build_model, parse_flags, write_json
+from simpool.evaluation.common import add_data_flags, checked_frozen_model, parse_flags, write_json
 from simpool.evaluation.copy_detection import run_copy_detection
 from simpool.evaluation.feature_cache import model_identity
 from simpool.run.config import ConfigError, FlagParser, bad_input
-from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, bool_flag, require_weights
-from simpool.run.output import OutputFolder
+from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
 from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_copy_detection")
@@ -74,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     dist_info = start_process(args.dist_url)
     device = dist_info.device if args.use_cuda else torch.device("cpu")
     try:
-        output = OutputFolder(args.output_dir).check()
-        if args.cache_dir:  # writable, room; not locked: runs of other weights may share one cache
-            OutputFolder(args.cache_dir, flag="--cache_dir").check(lock=False)
-        backbone_parameters(args)  # the model's values, before any weights are read
-        model, source = build_model(args, device)
+        model, source, output = checked_frozen_model(args, device, cache_dir=args.cache_dir)
     except ValueError as err:
         end_process()
         return bad_input(err)

@@ -43,7 +43,7 @@ from simpool.attention_maps import attention_maps, model_stride
 from simpool.data.wsol import WsolData, read_wsol
 from simpool.distributed import is_main_process
 from simpool.evaluation.box_figures import COLOURS, draw_boxes, figure_name
-from simpool.evaluation.common import build_model, write_json
+from simpool.evaluation.common import checked_frozen_model, write_json
 from simpool.evaluation.localization import (
     IOU_THRESHOLDS,
     cam_thresholds,
@@ -59,8 +59,7 @@ from simpool.evaluation.localization import (
 from simpool.evaluation.object_discovery import map_names
 from simpool.run import ItemResults, shard, weights_identity
 from simpool.run.config import IMAGE_SIDE, WORKERS, ConfigError, FlagParser, bad_input, check_ranges
-from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, require_weights
-from simpool.run.output import OutputFolder
+from simpool.run.flags import add_distributed_flags, add_model_flags, require_weights
 from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_localization")
@@ -244,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         return bad_input(err)
     dist_info = start_process(args.dist_url)
     try:
-        output = OutputFolder(args.output_dir).check()  # writable, and locked if it exists: one run per folder
-        backbone_parameters(args)  # the model's values, before its weights are read
-        model, source = build_model(args, dist_info.device)
+        model, source, output = checked_frozen_model(args, dist_info.device)
         check_applies(model, args.image_size)
         log.info("MaxBoxAccV2 of %s (%s mode) from %s on %d images of %s", source.arch, source.mode,
                  source.weights or "random initialisation", len(data), args.metadata)

@@ -38,12 +38,11 @@ from simpool.data.coco20k import read_coco20k
 from simpool.data.voc_boxes import read_voc_boxes
 from simpool.distributed import is_main_process
 from simpool.evaluation.box_figures import COLOURS, draw_boxes, figure_name
-from simpool.evaluation.common import build_model, write_json
+from simpool.evaluation.common import checked_frozen_model, write_json
 from simpool.evaluation.object_discovery import corloc_summary, discover
 from simpool.run import ItemResults, shard, weights_identity
 from simpool.run.config import IMAGE_SIDE, WORKERS, ConfigError, FlagParser, bad_input, check_ranges
-from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, require_weights
-from simpool.run.output import OutputFolder
+from simpool.run.flags import add_distributed_flags, add_model_flags, require_weights
 from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_object_discovery")
@@ -186,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return bad_input(err)
     dist_info = start_process(args.dist_url)
     try:
-        output = OutputFolder(args.output_dir).check()  # writable, and locked if it exists: one run per folder
-        backbone_parameters(args)  # the model's values, before its weights are read
-        model, source = build_model(args, dist_info.device)
+        model, source, output = checked_frozen_model(args, dist_info.device)
         check_applies(model, args.lost_features, args.which_features)
         log.info("object discovery with %s (%s mode) from %s on %d images of %s", source.arch, source.mode,
                  source.weights or "random initialisation", len(data), args.data_path)

@@ -24,12 +24,11 @@ from typing import Any
 import torch
 
 from simpool.data.revisitop import DATASETS, read_distractors, read_revisited
-from simpool.evaluation.common import add_data_flags, build_model, parse_flags, write_json
+from simpool.evaluation.common import add_data_flags, checked_frozen_model, parse_flags, write_json
 from simpool.evaluation.feature_cache import model_identity
 from simpool.evaluation.retrieval import run_retrieval
 from simpool.run.config import ConfigError, FlagParser, bad_input
-from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, bool_flag, require_weights
-from simpool.run.output import OutputFolder
+from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
 from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_retrieval")
@@ -82,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     dist_info = start_process(args.dist_url)
     device = dist_info.device if args.use_cuda else torch.device("cpu")
     try:
-        output = OutputFolder(args.output_dir).check()
-        if args.cache_dir:  # writable, room; not locked: runs of other weights may share one cache
-            OutputFolder(args.cache_dir, flag="--cache_dir").check(lock=False)
-        backbone_parameters(args)  # the model's values, before any weights are read
-        model, source = build_model(args, device)
+        model, source, output = checked_frozen_model(args, device, cache_dir=args.cache_dir)
     except ValueError as err:
         end_process()
         return bad_input(err)

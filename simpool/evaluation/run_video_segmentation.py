@@ -27,13 +27,12 @@ from typing import Any
 import torch
 
 from simpool.data.davis import read_davis
-from simpool.evaluation.common import build_model, write_json
+from simpool.evaluation.common import checked_frozen_model, write_json
 from simpool.evaluation.feature_cache import model_identity
 from simpool.evaluation.video_segmentation import FORMAT, run_video_segmentation
 from simpool.run import ItemResults
 from simpool.run.config import ConfigError, FlagParser, bad_input
-from simpool.run.flags import add_distributed_flags, add_model_flags, backbone_parameters, bool_flag, require_weights
-from simpool.run.output import OutputFolder
+from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
 from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_video_segmentation")
@@ -94,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     device = dist_info.device if args.use_cuda else torch.device("cpu")
     output_dir = Path(args.output_dir)
     try:
-        output = OutputFolder(args.output_dir).check()
-        backbone_parameters(args)  # the model's values, before any weights are read
-        model, source = build_model(args, device)
+        model, source, output = checked_frozen_model(args, device)
         identity = {"format": FORMAT, **model_identity(model, source.as_dict(), getattr(args, "seed", 0)),
                     "data_path": str(Path(args.data_path).resolve()), **protocol(args)}
         ItemResults(output_dir, "davis", identity).check()
