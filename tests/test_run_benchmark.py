@@ -18,11 +18,11 @@ from simpool.data.coco20k import read_coco20k
 from simpool.data.generated.benchmark_root import write_benchmark_root
 from simpool.data.voc_boxes import read_voc_boxes
 from simpool.data.wsol import read_wsol
-from simpool.evaluation.benchmark import CELL_FILE, plan
-from simpool.evaluation.benchmark_registry import EVALUATORS
-from simpool.evaluation.benchmark_rows import build_rows, network_of
-from simpool.evaluation.benchmark_suite import parse_strict, read_suite
-from simpool.evaluation.benchmark_table import table_markdown, table_payload
+from simpool.evaluation.benchmark.cells import CELL_FILE, plan
+from simpool.evaluation.benchmark.registry import EVALUATORS
+from simpool.evaluation.benchmark.rows import build_rows, network_of
+from simpool.evaluation.benchmark.suite import parse_strict, read_suite
+from simpool.evaluation.benchmark.table import table_markdown, table_payload
 from simpool.evaluation.run_benchmark import main
 from simpool.evaluation.run_localization import get_args_parser
 from simpool.loading import load_model

@@ -19,10 +19,10 @@
   over :mod:`~simpool.evaluation.backbone_view` (global feature + patch tokens of any backbone),
   :mod:`~simpool.evaluation.search` (chunked cosine search) and :mod:`~simpool.evaluation.feature_cache`
 * :mod:`simpool.evaluation.common`: the data flags and frozen-model set-up the command lines share
-* ``simpool-benchmark`` (``run_benchmark``, over the drivers): :mod:`~simpool.evaluation.benchmark_registry` (the
-  evaluators it knows: data flags, result file, table columns), :mod:`~simpool.evaluation.benchmark_suite` (the
-  suite YAML), :mod:`~simpool.evaluation.benchmark_rows` (weights and random-init twins),
-  :mod:`~simpool.evaluation.benchmark` (cells: skip, resume, run), :mod:`~simpool.evaluation.benchmark_table`
+* ``simpool-benchmark`` (``run_benchmark``, over the drivers): :mod:`~simpool.evaluation.benchmark.registry` (the
+  evaluators it knows: data flags, result file, table columns), :mod:`~simpool.evaluation.benchmark.suite` (the
+  suite YAML), :mod:`~simpool.evaluation.benchmark.rows` (weights and random-init twins),
+  :mod:`~simpool.evaluation.benchmark.cells` (cells: skip, resume, run), :mod:`~simpool.evaluation.benchmark.table`
 * command lines (``run_*.py``, ``main(argv) -> exit code``, not imported here): ``run_knn`` (``eval_knn.py``),
   ``run_linear`` (``eval_linear.py``), ``run_attention``, ``run_segmentation``, ``run_localization``,
   ``run_object_discovery``, ``run_background_robustness``, ``run_retrieval``, ``run_copy_detection``,

@@ -32,10 +32,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from simpool.evaluation.benchmark import check_data, plan, run_pending, torchrun_launcher
-from simpool.evaluation.benchmark_rows import build_rows
-from simpool.evaluation.benchmark_suite import read_suite
-from simpool.evaluation.benchmark_table import JSON_FILE, MARKDOWN_FILE, table_payload, write_tables
+from simpool.evaluation.benchmark.cells import check_data, plan, run_pending, torchrun_launcher
+from simpool.evaluation.benchmark.rows import build_rows
+from simpool.evaluation.benchmark.suite import read_suite
+from simpool.evaluation.benchmark.table import JSON_FILE, MARKDOWN_FILE, table_payload, write_tables
 from simpool.run.config import AT_LEAST_ONE, ConfigError, FlagParser, bad_input, check_ranges
 from simpool.run.flags import add_backbone_flags
 from simpool.run.log import setup_logging

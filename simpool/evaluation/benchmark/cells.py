@@ -1,8 +1,8 @@
 """simpool-benchmark's engine: a cell per (row, suite entry), what is done already, running the rest.
 
-A cell is one driver run, ``main(argv)`` of the entry's evaluator (:mod:`simpool.evaluation.benchmark_registry`)
+A cell is one driver run, ``main(argv)`` of the entry's evaluator (:mod:`simpool.evaluation.benchmark.registry`)
 with ``--output_dir OUTPUT/<row>/<entry>/``. Its folder also holds ``benchmark_cell.json``: the cell's *identity*
-(evaluator, protocol flags, data paths, inputs, the weights' identity from :mod:`simpool.evaluation.benchmark_rows`),
+(evaluator, protocol flags, data paths, inputs, the weights' identity from :mod:`simpool.evaluation.benchmark.rows`),
 the command and, once run, its status and seconds. :func:`plan` decides every cell before anything runs:
 
 * ``skipped``: its data is not under the root (or an input entry is skipped): a reason, not a failure;
@@ -37,14 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from simpool.checkpoint import atomic_write_text
-from simpool.evaluation.benchmark_rows import Row
-from simpool.evaluation.benchmark_suite import Entry, Suite, parse_strict
+from simpool.evaluation.benchmark.rows import Row
+from simpool.evaluation.benchmark.suite import Entry, Suite, parse_strict
 from simpool.run.config import ConfigError
 from simpool.run.resume_checks import changes, refuse_changes
 
 __all__ = ["CELL_FILE", "Cell", "check_data", "plan", "read_result", "run_pending", "torchrun_launcher"]
 
-log = logging.getLogger("simpool.evaluation.benchmark")
+log = logging.getLogger("simpool.evaluation.benchmark.cells")
 CELL_FILE = "benchmark_cell.json"
 
 

@@ -5,7 +5,7 @@ The YAML (``configs/benchmark_paper.yaml`` is the paper's)::
     title: SimPool (ICCV 2023), Tables 5-7
     entries:                                   # one output folder and one set of columns each
       linear:
-        evaluator: linear                      # a key of benchmark_registry.EVALUATORS
+        evaluator: linear                      # a key of benchmark.registry.EVALUATORS
         label: ImageNet                        # fills the columns' {label} (default: the entry's name)
         data: {data_path: imagenet}            # the evaluator's data flags: paths under the data root
         flags: {epochs: 100, lr: 0.001}        # its other flags, as its command line takes them
@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from simpool.evaluation.benchmark_registry import EVALUATORS, Evaluator
+from simpool.evaluation.benchmark.registry import EVALUATORS, Evaluator
 from simpool.run.config import ConfigError
 
 __all__ = ["Entry", "Suite", "parse_strict", "read_suite"]

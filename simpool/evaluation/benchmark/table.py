@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from simpool.checkpoint import atomic_write_text
-from simpool.evaluation.benchmark import Cell
-from simpool.evaluation.benchmark_registry import TABLES
-from simpool.evaluation.benchmark_suite import Suite
+from simpool.evaluation.benchmark.cells import Cell
+from simpool.evaluation.benchmark.registry import TABLES
+from simpool.evaluation.benchmark.suite import Suite
 
 __all__ = ["JSON_FILE", "MARKDOWN_FILE", "table_markdown", "table_payload", "write_tables"]
 

@@ -1,9 +1,9 @@
 """The evaluators ``simpool-benchmark`` runs: one :class:`Evaluator` entry each, saying how to find its data under
 the data root, how to run it, and which values of its result JSON become which columns of which table.
 
-A suite (:mod:`simpool.evaluation.benchmark_suite`) names evaluators by their key in :data:`EVALUATORS`; the
-benchmark (:mod:`simpool.evaluation.benchmark`) runs ``driver.main(argv)`` -- or ``python -m <driver> argv`` under a
-launcher -- with ``--output_dir`` a folder per weights and suite entry, and reads ``results_file`` there once it
+A suite (:mod:`simpool.evaluation.benchmark.suite`) names evaluators by their key in :data:`EVALUATORS`; the
+benchmark (:mod:`simpool.evaluation.benchmark.cells`) runs ``driver.main(argv)`` -- or ``python -m <driver> argv``
+under a launcher -- with ``--output_dir`` a folder per weights and suite entry, and reads ``results_file`` there once it
 exists. Column names are templates: ``{label}`` becomes the suite entry's label (``"LOST {label}"`` ->
 ``"LOST VOC07"``).
 
