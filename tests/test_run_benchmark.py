@@ -130,6 +130,15 @@ def test_two_models_side_by_side(bench):
     assert demo["values"]["linear ImageNet"] == pytest.approx(best)
     # the probe of IN-9 is the linear entry's, for the same weights
     assert in9["probe"] == str((out / "demo_backbone" / "linear").resolve())
+    # DINO's other evaluators, their fractions as percents: rparis' file is named after its data set
+    rparis = result("tiny_official", "rparis", "retrieval_rparis6k.json")
+    assert tiny["values"]["RPar M"] == pytest.approx(100 * rparis["medium"]["map"])
+    assert tiny["values"]["RPar H"] == pytest.approx(100 * rparis["hard"]["map"])
+    copydays = result("demo_backbone", "copydays", "copy_detection.json")
+    assert demo["values"]["Copydays strong"] == pytest.approx(100 * copydays["map"]["strong"])
+    assert copydays["num_distractors"] > 0 and copydays["num_whitening"] > 0  # both YFCC folders were used
+    davis = result("demo_backbone", "davis", "video_segmentation.json")
+    assert demo["values"]["J&F DAVIS"] == pytest.approx(100 * davis["J&F-Mean"])
 
     # data set sizes actually used: 6 images per set (COCO20k: those of LOST's list), 27 + 9 for the probe
     entries = payload["entries"]
@@ -157,7 +166,7 @@ def test_rerun_runs_nothing(bench, root, official, capsys):
     code, stdout, _ = run(capsys, "--weights", DEMO, official, "--suite", DEMO_SUITE, "--data_root", root,
                           "--output_dir", out, *OPTIONS)
     assert code == 0
-    assert "0 to run, 16 finished earlier" in stdout
+    assert "0 to run, 24 finished earlier" in stdout
     assert "==" not in stdout  # no evaluator started
     assert snapshot(out) == before  # not one result, log or checkpoint rewritten
     payload = json.loads((out / "benchmark.json").read_text())
@@ -170,7 +179,7 @@ def test_a_cut_short_cell_is_the_only_one_rerun(bench, root, official, capsys):
     before = snapshot(out)
     code, stdout, _ = run(capsys, "--weights", DEMO, official, "--suite", DEMO_SUITE, "--data_root", root,
                           "--output_dir", out, *OPTIONS)
-    assert code == 0 and "1 to run, 15 finished earlier" in stdout
+    assert code == 0 and "1 to run, 23 finished earlier" in stdout
     payload = json.loads((out / "benchmark.json").read_text())
     statuses = {(row["name"], name): c["status"] for row in payload["rows"] for name, c in row["cells"].items()}
     assert [key for key, status in statuses.items() if status == "ran"] == [("tiny_official", "voc12")]
@@ -329,7 +338,7 @@ def test_missing_data_sets_are_skipped_columns(tmp_path, capsys):
     out = tmp_path / "bench"
     code, stdout, _ = run(capsys, "--weights", DEMO, "--suite", DEMO_SUITE, "--data_root", root, "--output_dir", out,
                           *OPTIONS)
-    assert code == 0 and "2 to run, 0 finished earlier, 6 skipped" in stdout
+    assert code == 0 and "2 to run, 0 finished earlier, 10 skipped" in stdout
     payload = json.loads((out / "benchmark.json").read_text())
     (row,) = payload["rows"]
     ran = {name for name, cell in row["cells"].items() if cell["status"] == "ran"}
@@ -390,7 +399,8 @@ def test_plan_passes_each_driver_its_options(root, official, tmp_path):
     assert "5" not in argv["linear"][argv["linear"].index("--num_workers"):]  # the probe's batch is protocol
     assert argv["in9"][argv["in9"].index("--probe") + 1] == str(tmp_path / "tiny_official" / "linear")
     assert argv["voc07"][:4] == ["--pretrained_weights", str(official), "--checkpoint_key", "teacher"]
-    assert [c.status for c in cells] == ["pending"] * 8
+    assert "--no_progress" not in argv["davis"] and argv["davis"][-4:-2] == ["--batch_size_per_gpu", "5"]
+    assert [c.status for c in cells] == ["pending"] * 12
 
 
 def test_plan_prints_the_commands_and_writes_nothing(root, tmp_path, capsys):

@@ -33,6 +33,8 @@ from simpool.run.process import driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_retrieval")
 
+RESULTS_FILE = "retrieval_{dataset}.json"  # one per data set, so both can share an --output_dir
+
 
 def get_args_parser() -> FlagParser:
     parser = FlagParser("simpool-retrieval", description=__doc__.split("\n\n")[0])
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                            distractors=distractors, batch_size=args.batch_size_per_gpu,
                            num_workers=args.num_workers, device=device)
     log.info("%s", format_scores(result))
-    write_json(output_dir / f"retrieval_{data.name}.json",
+    write_json(output_dir / RESULTS_FILE.format(dataset=data.name),
                {**result, **source.as_dict(), "data_path": str(args.data_path)})
     end_process()
     return 0

@@ -7,7 +7,9 @@
 * ``VOCdevkit/VOC2007``, ``VOCdevkit/VOC2012`` (detection layout; object discovery);
 * ``COCO/images/train2014``, ``COCO/annotations/instances_train2014.json`` and LOST's
   ``LOST/datasets/coco_20k_filenames.txt`` (object discovery);
-* ``bg_challenge/<variant>/val/<NN_class>/`` (background robustness).
+* ``bg_challenge/<variant>/val/<NN_class>/`` (background robustness);
+* ``revisitop/{roxford5k,rparis6k}/`` (image retrieval), ``copydays/`` with ``yfcc/{whitening,distractors}/``
+  (copy detection), ``DAVIS/`` (video object segmentation): DINO's other evaluators.
 
 Each data set has its own images (another seed or split). ``datasets`` writes only some of them.
 
@@ -28,12 +30,16 @@ from simpool.data.bg_challenge import IN9_CLASSES
 from simpool.data.fashion_on_photos import render_fashion_on_photo
 from simpool.data.generated.bg_challenge import write_bg_challenge
 from simpool.data.generated.coco20k import write_coco20k
+from simpool.data.generated.copydays import write_copydays_style
+from simpool.data.generated.davis import write_davis_style
+from simpool.data.generated.revisitop import write_revisitop_style
 from simpool.data.generated.voc_detection import write_voc_detection
 from simpool.data.generated.wsol import write_wsol
 
 __all__ = ["DATASETS", "write_benchmark_root", "write_in9_image_folder"]
 
-DATASETS = ("imagenet", "cub", "ilsvrc", "voc07", "voc12", "coco20k", "bg_challenge")
+DATASETS = ("imagenet", "cub", "ilsvrc", "voc07", "voc12", "coco20k", "bg_challenge", "roxford5k", "rparis6k",
+            "copydays", "davis")
 
 
 def write_in9_image_folder(folder: str | Path, n_train: int, n_val: int, image_size: int = 56,
@@ -87,4 +93,16 @@ def write_benchmark_root(root: str | Path, n: int = 100, n_train: int = 450, ima
         _move(paths["image_list"], root / "LOST" / "datasets" / "coco_20k_filenames.txt")
     if "bg_challenge" in chosen:
         write_bg_challenge(root / "bg_challenge", n_val=n, image_size=in9_size, seed=0)
+    for name, seed in (("roxford5k", 0), ("rparis6k", 1)):
+        if name in chosen:
+            write_revisitop_style(root / "revisitop", name=name, long_side=image_size, seed=seed)
+    if "copydays" in chosen:
+        scratch = root / ".copydays.tmp"
+        write_copydays_style(scratch, size=(image_size, round(image_size * 4 / 3)), seed=3)
+        _move(scratch / "copydays", root / "copydays")
+        for extra in ("whitening", "distractors"):
+            _move(scratch / extra, root / "yfcc" / extra)
+        shutil.rmtree(scratch)
+    if "davis" in chosen:
+        write_davis_style(root / "DAVIS", size=(image_size, round(image_size * 5 / 3)), seed=4)
     return root

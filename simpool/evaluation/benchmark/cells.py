@@ -74,7 +74,7 @@ class Cell:
 def read_result(folder: Path, entry: Entry) -> dict[str, Any] | None:
     """The driver's finished result in ``folder``, or None (absent, or cut short)."""
     try:
-        result = json.loads((folder / entry.evaluator.results_file).read_text())
+        result = json.loads((folder / entry.results_file).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return result if isinstance(result, dict) else None
@@ -250,7 +250,7 @@ def run_pending(cells: Sequence[Cell], after_each: Callable[[], None],
             cell.status, cell.reason = "ran", ""
         else:
             cell.status = "failed"
-            cell.reason = reason if code else f"finished without writing {cell.entry.evaluator.results_file}"
+            cell.reason = reason if code else f"finished without writing {cell.entry.results_file}"
             log.warning("%s / %s failed: %s", cell.row.name, cell.entry.name, cell.reason)
         atomic_write_text(cell.folder / CELL_FILE, json.dumps(cell.record(), indent=2) + "\n")
         after_each()

@@ -38,7 +38,10 @@ LOCALIZATION = "Table 5: localisation, MaxBoxAccV2 (%)"
 DISCOVERY = "Table 6: object discovery, CorLoc (%)"
 ROBUSTNESS = "Table 7: background robustness, top-1 (%)"
 CLASSIFICATION = "Classification: weighted k-NN (20-NN) and linear probe, top-1 (%)"
-TABLES = (LOCALIZATION, DISCOVERY, ROBUSTNESS, CLASSIFICATION)
+RETRIEVAL = "DINO: image retrieval, revisited mAP (%), Medium / Hard"
+COPY_DETECTION = "DINO: copy detection (Copydays), mAP (%)"
+VIDEO_SEGMENTATION = "DINO: video object segmentation (DAVIS 2017), J&F / J / F (%)"
+TABLES = (LOCALIZATION, DISCOVERY, ROBUSTNESS, CLASSIFICATION, RETRIEVAL, COPY_DETECTION, VIDEO_SEGMENTATION)
 
 # Benchmark-wide flags (resources, not protocol) that the command line passes to the drivers that take them.
 OPTIONS = ("num_workers", "batch_size_per_gpu", "no_progress")
@@ -101,6 +104,33 @@ def _check_in9(args: argparse.Namespace) -> None:
         in9_folder(path)
 
 
+def _check_revisited(args: argparse.Namespace) -> None:
+    from simpool.data.revisitop import read_distractors, read_revisited
+
+    read_revisited(args.data_path, args.dataset)
+    if args.distractors_path:
+        read_distractors(args.distractors_path)
+
+
+def _check_copydays(args: argparse.Namespace) -> None:
+    from simpool.data.copydays import list_images, read_copydays
+
+    read_copydays(args.data_path)
+    for flag, path in (("--whitening_path", args.whitening_path), ("--distractors_path", args.distractors_path)):
+        if path:
+            list_images(path, flag)
+
+
+def _check_davis(args: argparse.Namespace) -> None:
+    from simpool.data.davis import read_davis
+
+    read_davis(args.data_path, args.split, videos=args.videos)
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
 EVALUATORS: dict[str, Evaluator] = {
     "knn": Evaluator(
         driver="simpool.evaluation.run_knn", results_file="knn.json", data_flags=("data_path",),
@@ -134,4 +164,28 @@ EVALUATORS: dict[str, Evaluator] = {
                  for name in ("IN-9", "Mixed-Same", "Mixed-Rand", "Mixed-Next", "BG-Gap")},
         images=lambda r: r["num_images"], options=OPTIONS, inputs={"probe": "linear"}, check_data=_check_in9,
         details=lambda r: {f"accuracy {k}": v for k, v in r["accuracy"].items()}),
+    "retrieval": Evaluator(
+        driver="simpool.evaluation.run_retrieval", results_file="retrieval_{dataset}.json",
+        data_flags=("data_path", "distractors_path"), table=RETRIEVAL,
+        columns={"{label} M": lambda r: _percent(r["medium"]["map"]),
+                 "{label} H": lambda r: _percent(r["hard"]["map"])},
+        images=lambda r: {"queries": r["num_queries"], "database": r["database_size"]},
+        options=("num_workers", "batch_size_per_gpu"), check_data=_check_revisited,
+        details=lambda r: {f"{setup} mAP": _percent(r[setup]["map"]) for setup in ("easy", "medium", "hard")}),
+    "copy_detection": Evaluator(
+        driver="simpool.evaluation.run_copy_detection", results_file="copy_detection.json",
+        data_flags=("data_path", "whitening_path", "distractors_path"), table=COPY_DETECTION,
+        columns={"{label} strong": lambda r: _percent(r["map"].get("strong"))},
+        images=lambda r: {"queries": sum(r["num_queries"].values()), "database": r["database_size"],
+                          "whitening": r["num_whitening"]},
+        options=("num_workers", "batch_size_per_gpu"), check_data=_check_copydays,
+        details=lambda r: {f"mAP {block}": _percent(v) for block, v in r["map"].items()}),
+    "video_segmentation": Evaluator(
+        driver="simpool.evaluation.run_video_segmentation", results_file="video_segmentation.json",
+        data_flags=("data_path",), table=VIDEO_SEGMENTATION,
+        columns={f"{name} {{label}}": (lambda r, key=f"{name}-Mean": _percent(r.get(key)))
+                 for name in ("J&F", "J", "F")},
+        images=lambda r: {"videos": r["num_videos"], "frames": r["num_frames"]},
+        options=("batch_size_per_gpu",), check_flags="check_flags", check_data=_check_davis,
+        details=lambda r: {k: v for k, v in r.items() if k.endswith(("-Recall", "-Decay"))}),
 }

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,17 @@ class Entry:
     def data_paths(self, root: str | Path) -> dict[str, Path]:
         """The data flags' paths under ``root`` (absolute paths in the suite are kept)."""
         return {flag: (Path(root) / value).absolute() for flag, value in self.data.items()}
+
+    @property
+    def results_file(self) -> str:
+        """The driver's result file; ``{flag}`` fields of the registry's name take this entry's flag values (the
+        driver's default where the suite gives none): ``retrieval_{dataset}.json`` -> ``retrieval_rparis6k.json``."""
+        template = self.evaluator.results_file
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        if not fields:
+            return template
+        parser = self.evaluator.module.get_args_parser()
+        return template.format(**{name: self.flags.get(name, parser.get_default(name)) for name in fields})
 
     def missing(self, root: str | Path) -> list[str]:
         """The data paths (as the suite writes them) that do not exist under ``root``."""
