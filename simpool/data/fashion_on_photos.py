@@ -72,6 +72,8 @@ __all__ = [
     "SEGMENTATION_CLASSES",
     "class_mask",
     "voc_palette",
+    "random_colour",
+    "paste_item",
 ]
 
 _SPLIT_IDS = {"train": 0, "test": 1}
@@ -215,9 +217,29 @@ def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
 
 
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
+def random_colour(rng: np.random.Generator) -> np.ndarray:
+    """A saturated RGB colour in [0, 1]^3 (HSV s in [0.5, 1], v in [0.6, 1])."""
     hue, saturation, value = rng.uniform(0, 1), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0)
     return np.array(colorsys.hsv_to_rgb(hue, saturation, value), dtype=np.float64)
+
+
+def paste_item(background: np.ndarray, item: np.ndarray, colour: np.ndarray, side: int, top: int,
+               left: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image, mask): the Fashion-MNIST ``item`` resized to side x side at (top, left) on ``background``, shaded
+    ``colour * (0.4 + 0.6 v)`` and alpha-blended with alpha = min(1, v / 0.3) (opaque body, soft edges); mask =
+    v > ``MASK_THRESHOLD``. A part outside the image is cut off; outside the mask the background's bytes stay."""
+    height, width = background.shape[:2]
+    intensity = np.zeros((height, width))
+    resized = _resize(item, side) / 255.0
+    y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + side, height), min(left + side, width)
+    if y1 > y0 and x1 > x0:
+        intensity[y0:y1, x0:x1] = resized[y0 - top:y1 - top, x0 - left:x1 - left]
+    mask = intensity > MASK_THRESHOLD
+    alpha = np.where(mask, np.minimum(1.0, intensity / _ALPHA_RAMP), 0.0)[:, :, None]
+    item_rgb = 255.0 * colour * (0.4 + 0.6 * intensity[:, :, None])
+    blended = np.rint(alpha * item_rgb + (1.0 - alpha) * background).clip(0, 255).astype(np.uint8)
+    # Outside the mask alpha is 0; take the photo's bytes themselves so "unchanged" is exact.
+    return np.where(mask[:, :, None], blended, background), mask
 
 
 def _check_recipe(split: str, image_size: int) -> None:
@@ -250,17 +272,8 @@ def render_fashion_on_photo(
     fashion_index = int(rng.integers(len(items)))
     item_side = max(2, int(round(rng.uniform(*ITEM_SIDE) * image_size)))
     top, left = (int(v) for v in rng.integers(0, image_size - item_side + 1, size=2))
-    colour = _random_colour(rng)
-
-    intensity = np.zeros((image_size, image_size))
-    item = _resize(items[fashion_index], item_side) / 255.0
-    intensity[top : top + item_side, left : left + item_side] = item
-    mask = intensity > MASK_THRESHOLD
-    alpha = np.where(mask, np.minimum(1.0, intensity / _ALPHA_RAMP), 0.0)[:, :, None]
-    item_rgb = 255.0 * colour * (0.4 + 0.6 * intensity[:, :, None])
-    blended = np.rint(alpha * item_rgb + (1.0 - alpha) * background).clip(0, 255).astype(np.uint8)
-    # Outside the mask alpha is 0; take the photo's bytes themselves so "unchanged" is exact.
-    image = np.where(mask[:, :, None], blended, background)
+    colour = random_colour(rng)
+    image, mask = paste_item(background, items[fashion_index], colour, item_side, top, left)
     return FashionOnPhotosSample(
         image=image, mask=mask, box=mask_to_box(mask).numpy(), label=int(labels[fashion_index]),
         background=background, photo=photo_name, crop=crop, flipped=flipped, fashion_index=fashion_index,

@@ -1,6 +1,6 @@
 """Pieces the generated layouts share: a crop of a real photo at any size, and a coloured Fashion-MNIST item pasted
 on it with its exact mask (the recipe of :mod:`simpool.data.fashion_on_photos`, with the item, colour, size and place
-chosen by the caller instead of drawn per index).
+chosen by the caller instead of drawn per index: ``paste_item`` and ``random_colour`` are that module's).
 
 Example:
     >>> rng = np.random.default_rng(0)
@@ -10,16 +10,12 @@ Example:
 
 from __future__ import annotations
 
-import colorsys
-
 import numpy as np
 from PIL import Image
 
-from simpool.data.fashion_on_photos import MASK_THRESHOLD, load_background_photos, load_fashion_mnist
+from simpool.data.fashion_on_photos import load_background_photos, load_fashion_mnist, paste_item, random_colour
 
 __all__ = ["fashion_item", "paste_item", "photo_crop", "random_colour"]
-
-ALPHA_RAMP = 0.3  # item intensity at which it becomes opaque (fashion_on_photos' value)
 
 
 def photo_crop(rng: np.random.Generator, height: int, width: int, photo: int | None = None) -> np.ndarray:
@@ -38,25 +34,3 @@ def fashion_item(index: int, split: str = "test") -> np.ndarray:
     """(28, 28) uint8 Fashion-MNIST image ``index`` of ``split``."""
     items, _ = load_fashion_mnist(split)
     return items[index % len(items)]
-
-
-def random_colour(rng: np.random.Generator) -> np.ndarray:
-    """A saturated RGB colour in [0, 1]^3 (HSV s in [0.5, 1], v in [0.6, 1])."""
-    return np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0)))
-
-
-def paste_item(background: np.ndarray, item: np.ndarray, colour: np.ndarray, side: int, top: int,
-               left: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image, mask): ``item`` resized to side x side at (top, left), shaded ``colour * (0.4 + 0.6 v)`` and
-    alpha-blended (opaque above v = 0.3); mask = v > ``MASK_THRESHOLD``. The part outside the image is cut off."""
-    height, width = background.shape[:2]
-    intensity = np.zeros((height, width))
-    resized = np.asarray(Image.fromarray(item).resize((side, side), Image.BILINEAR)) / 255.0
-    y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + side, height), min(left + side, width)
-    if y1 > y0 and x1 > x0:
-        intensity[y0:y1, x0:x1] = resized[y0 - top:y1 - top, x0 - left:x1 - left]
-    mask = intensity > MASK_THRESHOLD
-    alpha = np.where(mask, np.minimum(1.0, intensity / ALPHA_RAMP), 0.0)[:, :, None]
-    item_rgb = 255.0 * colour * (0.4 + 0.6 * intensity[:, :, None])
-    blended = np.rint(alpha * item_rgb + (1.0 - alpha) * background).clip(0, 255).astype(np.uint8)
-    return np.where(mask[:, :, None], blended, background), mask
