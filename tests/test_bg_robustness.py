@@ -4,6 +4,7 @@ generated data in its layout, and the simpool-background-robustness driver again
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,20 @@ def test_bad_input_is_one_error_line(tmp_path, in9, probe, capsys):
     error = capsys.readouterr().err
     assert error.startswith("error: --probe holds a head trained on other features") and error.count("\n") == 1
 
+
+
+def test_an_unreadable_image_in_a_variant_is_one_error_line_from_a_loader_worker(tmp_path, in9, probe):
+    weights, linear = probe
+    copy = tmp_path / "in9"
+    shutil.copytree(in9 / "mixed_rand", copy / "mixed_rand")
+    victim = sorted((copy / "mixed_rand").rglob("*.JPEG"))[5]
+    victim.write_bytes(b"not an image")
+    result = run_module("simpool.evaluation.run_background_robustness", "--pretrained_weights", str(weights), *TINY,
+                        "--probe", str(linear), "--data_path", str(copy), "--image_size", "32", "--num_workers", "2",
+                        "--no_progress", "--output_dir", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: {victim} cannot be read as an image (") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "o" / "background_robustness.json").exists()
 
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_result(tmp_path, in9, probe):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from torchvision.datasets import ImageFolder
 
+from simpool.data.every_item import open_rgb
 from simpool.data.paths import DataError
 
 __all__ = ["IN9_CLASSES", "IN9_VARIANTS", "IN9_WNIDS", "find_variants", "in9_folder"]
@@ -74,7 +75,7 @@ def in9_folder(path: str | Path, transform: Callable | None = None) -> ImageFold
         raise DataError(f"{path} holds the class folders {folders}: expected the nine IN-9 classes, each once "
                         f"({', '.join(IN9_CLASSES)})")
     try:
-        data = ImageFolder(str(path), transform=transform)
+        data = ImageFolder(str(path), transform=transform, loader=open_rgb)  # a bad file: one line
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f"{path}: {err}") from None
     # ImageFolder numbers the sorted folders; relabel by the class each folder names.

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from simpool.data.every_item import open_rgb
 from simpool.data.paths import DataError
 
 __all__ = ["Coco20k", "coco_ids_of_list", "lost_coco_box", "read_coco20k"]
@@ -71,8 +72,7 @@ class Coco20k:
         if not path.is_file():
             raise DataError(f"{path} (image id {name}) does not exist: pass as --data_path the folder the "
                             "JSON's file_name entries are relative to (COCO/images/train2014)")
-        with Image.open(path) as image:
-            return name, image.convert("RGB"), self.boxes_by_name[name]
+        return name, open_rgb(path), self.boxes_by_name[name]
 
 
 def read_coco20k(image_dir: str | Path, annotations: str | Path, image_list: str | Path | None = None) -> Coco20k:

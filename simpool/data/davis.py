@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from simpool.data.every_item import reading_image
 from simpool.data.paths import DataError
 
 __all__ = ["Video", "read_annotation", "read_davis"]
@@ -40,7 +40,7 @@ class Video:
 
 def read_annotation(path: str | os.PathLike) -> np.ndarray:
     """(H, W) uint8 object ids of an indexed (or greyscale) DAVIS PNG."""
-    with Image.open(path) as image:
+    with reading_image(path) as image:
         if image.mode not in ("P", "L"):
             raise DataError(f"{path} is a {image.mode} image: DAVIS annotations are indexed PNGs of object ids")
         return np.array(image)

@@ -45,7 +45,7 @@ from simpool.data.paths import DataError, check_image_folder, class_folder_names
 # What a failed decode raises in PIL: OSError (truncated data, unidentified format, missing file),
 # SyntaxError (broken PNG chunks), ValueError/EOFError (bad headers), DecompressionBombError (absurd
 # sizes). Anything else (e.g. a bug in the transform) is not a bad file and must surface.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 class UnreadableImageWarning(UserWarning):
@@ -114,7 +114,7 @@ def load_rgb_image(source: str | BinaryIO, name: str | None = None) -> Image.Ima
         with Image.open(source) as image:
             image.load()
             return to_rgb(image)
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         return BadSample(path=str(name if name is not None else source), reason=f"{type(error).__name__}: {error}")
 
 

@@ -33,6 +33,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from torchvision.ops import masks_to_boxes
 
+from simpool.data.every_item import open_rgb, reading_image
+
 __all__ = ["MaskSample", "MaskFolderDataset", "read_mask_folder", "CocoDataset", "read_coco", "mask_to_box"]
 
 
@@ -118,9 +120,8 @@ class MaskFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> MaskSample:
         name = self.names[index]
-        with Image.open(self.image_paths[index]) as image_file:
-            image = image_file.convert("RGB")
-        with Image.open(self.mask_dir / f"{name}.png") as mask_file:
+        image = open_rgb(self.image_paths[index])
+        with reading_image(self.mask_dir / f"{name}.png") as mask_file:
             if mask_file.mode not in ("P", "L", "1", "I", "I;16"):
                 raise ValueError(f"{mask_file.filename}: mask mode {mask_file.mode} is not a label image; "
                                  "save masks as palette (VOC) or greyscale PNGs")
@@ -213,8 +214,7 @@ class CocoDataset(Dataset):
         if not image_path.is_file():
             raise ValueError(f"{image_path} (file_name of image id {info['id']}) does not exist under "
                              f"{self.image_dir}; pass the folder the file names are relative to")
-        with Image.open(image_path) as image_file:
-            image = image_file.convert("RGB")
+        image = open_rgb(image_path)
         width, height = image.size
         foreground = Image.new("1", (width, height))
         void = Image.new("1", (width, height))

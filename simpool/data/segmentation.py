@@ -35,6 +35,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
+from simpool.data.every_item import open_rgb, reading_image
 from simpool.data.fashion_on_photos import SEGMENTATION_CLASSES, class_mask, render_fashion_on_photo
 from simpool.data.paths import DataError
 
@@ -87,7 +88,7 @@ class FashionOnPhotosSegmentation(Dataset):
 
 def _read_labels(path: Path) -> np.ndarray:
     """The class index of every pixel of a label PNG (palette indices, or grey values)."""
-    with Image.open(path) as mask:
+    with reading_image(path) as mask:
         if mask.mode not in ("P", "L", "I", "I;16"):
             raise DataError(f"{path}: mask mode {mask.mode} is not a label image; save SegmentationClass masks as "
                             "palette (VOC) or greyscale PNGs whose values are the class indices")
@@ -133,8 +134,7 @@ class SegmentationFolder(Dataset):
         return largest
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with Image.open(self.image_paths[index]) as image_file:
-            image = image_file.convert("RGB")
+        image = open_rgb(self.image_paths[index])
         labels = _read_labels(self.mask_paths[index])
         if labels.shape != (image.height, image.width):
             raise DataError(f"{self.mask_paths[index]}: mask {labels.shape} and image {(image.height, image.width)} "

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from simpool.data.every_item import open_rgb
 from simpool.data.paths import DataError
 
 __all__ = ["VocBoxes", "find_voc_root", "parse_voc_xml", "read_voc_boxes"]
@@ -92,8 +93,7 @@ class VocBoxes:
         path = self.root / "JPEGImages" / f"{name}.jpg"
         if not path.is_file():
             raise DataError(f"{path} (listed in ImageSets/Main/{self.split}.txt) does not exist; restore JPEGImages/")
-        with Image.open(path) as image:
-            return name, image.convert("RGB"), self.boxes(index)
+        return name, open_rgb(path), self.boxes(index)
 
 
 def read_voc_boxes(path: str | Path, split: str = "trainval", year: str | None = None,

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from simpool.data.every_item import open_rgb
 from simpool.data.paths import DataError
 
 __all__ = ["WSOL_FILES", "WsolData", "read_wsol"]
@@ -72,8 +73,7 @@ class WsolData:
         if not path.is_file():
             raise DataError(f"{path} (image {image_id!r} of {self.metadata / 'image_ids.txt'}) does not exist: "
                             "pass as --data_path the folder the ids are relative to")
-        with Image.open(path) as image:
-            return image_id, image.convert("RGB"), self.boxes[image_id]
+        return image_id, open_rgb(path), self.boxes[image_id]
 
 
 def read_wsol(image_root: str | Path, metadata: str | Path) -> WsolData:

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
 from simpool.data.copydays import Copydays, list_images
+from simpool.data.every_item import open_rgb
 from simpool.evaluation.backbone_view import global_and_patches
 from simpool.evaluation.feature_cache import FeatureCache, fill_caches
 from simpool.evaluation.features import IMAGENET_MEAN, IMAGENET_STD
@@ -110,8 +110,7 @@ class ImageListDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert("RGB"))
+        return self.transform(open_rgb(self.paths[index]))
 
 
 def square_transform(imsize: int) -> transforms.Compose:

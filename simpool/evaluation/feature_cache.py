@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from simpool.checkpoint import atomic_save
+from simpool.data.every_item import every_item
 from simpool.distributed import barrier, get_rank, is_main_process
 from simpool.run import changes, refuse_changes, shard, weights_identity
 
@@ -168,8 +169,7 @@ def fill_caches(
     todo = [i for i, image_id in enumerate(ids) if any(image_id in m for m in missing)]
     mine = list(shard(todo))
     batches = same_key_batches(mine, size_key or (lambda _: 0), batch_size)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = every_item(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
     bar = tqdm(total=len(mine), desc=desc, disable=not is_main_process() or not mine, leave=False)
     for batch, images in zip(batches, loader, strict=True):
         outputs = embed(images.to(device, non_blocking=True))

@@ -32,6 +32,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from simpool.data.every_item import open_rgb
 from simpool.data.revisitop import RevisitedData
 from simpool.evaluation.backbone_view import global_and_patches
 from simpool.evaluation.feature_cache import FeatureCache, fill_caches
@@ -77,14 +78,16 @@ class ThumbnailDataset(Dataset):
         if box is not None:
             width, height = _box_size(box)
         else:
-            with Image.open(self.paths[index]) as image:  # reads the header only
-                width, height = image.size
+            try:
+                with Image.open(self.paths[index]) as image:  # reads the header only
+                    width, height = image.size
+            except OSError:  # no image: open_rgb says so in one line
+                width, height = open_rgb(self.paths[index]).size
         return thumbnail_size(width, height, self.imsize)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         ImageFile.LOAD_TRUNCATED_IMAGES = True  # DINO's setting: some Oxford JPEGs end early
-        with Image.open(self.paths[index]) as image:
-            image = image.convert("RGB")
+        image = open_rgb(self.paths[index])
         if self.boxes[index] is not None:
             image = image.crop(tuple(round(v) for v in self.boxes[index]))
         image.thumbnail((self.imsize, self.imsize), Image.Resampling.LANCZOS)

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from torchvision import transforms
 from tqdm import tqdm
 
 from simpool.data.bg_challenge import IN9_CLASSES, find_variants, in9_folder
+from simpool.data.every_item import every_item
 from simpool.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process
 from simpool.evaluation.background_robustness import ProbeHead, load_probe_head
 from simpool.evaluation.common import checked_frozen_model, write_json
@@ -84,7 +85,7 @@ def _score_variant(features, head: ProbeHead, data, batch_size: int, num_workers
     """Per-class correct / total counts of this rank's share, summed over ranks."""
     mine = Subset(data, range(get_rank(), len(data), get_world_size()))
     counts = torch.zeros(2, len(IN9_CLASSES), dtype=torch.int64, device=device)
-    loader = DataLoader(mine, batch_size=batch_size, num_workers=num_workers)
+    loader = every_item(mine, batch_size=batch_size, num_workers=num_workers)
     for images, targets in tqdm(loader, disable=not (progress and is_main_process()), desc=name):
         targets = targets.to(device)
         correct = head.in9_predictions(features(images.to(device)).float()) == targets

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
 from simpool.attention_maps import attention_maps, model_stride
+from simpool.data.every_item import every_item
 from simpool.data.wsol import WsolData, read_wsol
 from simpool.distributed import is_main_process
 from simpool.evaluation.box_figures import COLOURS, draw_boxes, figure_name
@@ -153,7 +154,7 @@ def run_localization(
     items = ItemResults(output_dir, "localization", identity).open()
     position = {image_id: i for i, image_id in enumerate(data.image_ids)}
     mine = [position[i] for i in shard(items.todo(data.image_ids))]
-    loader = DataLoader(WsolImages(data, mine, image_size), batch_size=batch_size, num_workers=num_workers)
+    loader = every_item(WsolImages(data, mine, image_size), batch_size=batch_size, num_workers=num_workers)
     with tqdm(total=len(mine), disable=not (progress and is_main_process()), desc="localization") as bar:
         for images, indices in loader:
             maps = _with_head_mean(attention_maps(model, images))

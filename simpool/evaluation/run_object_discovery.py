@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from simpool.attention_maps import model_stride
 from simpool.data.coco20k import read_coco20k
+from simpool.data.every_item import every_item
 from simpool.data.voc_boxes import read_voc_boxes
 from simpool.distributed import is_main_process
 from simpool.evaluation.box_figures import COLOURS, draw_boxes, figure_name
@@ -107,7 +107,7 @@ def run_object_discovery(
     position = {name: i for i, name in enumerate(names)}
     mine = [position[name] for name in shard(items.todo(names))]
     patch_size = model_stride(model)
-    loader = DataLoader(torch.utils.data.Subset(data, mine), batch_size=1, num_workers=num_workers,
+    loader = every_item(torch.utils.data.Subset(data, mine), batch_size=1, num_workers=num_workers,
                         collate_fn=_first)
     for name, image, gt in tqdm(loader, total=len(mine), disable=not (progress and is_main_process()),
                                 desc="object discovery"):

@@ -40,8 +40,9 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
+from simpool.data.every_item import every_item
 from simpool.data.fashion_on_photos import voc_palette
 from simpool.data.segmentation import IGNORE_INDEX
 from simpool.distributed import all_gather_varlen, all_reduce_sum, get_rank, get_world_size
@@ -150,7 +151,7 @@ def cache_features(
     gets the whole set, in dataset order), without it each rank keeps its own shard (evaluation: the
     confusion matrices are summed over ranks instead).
     """
-    loader = DataLoader(_contiguous_shard(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    loader = every_item(_contiguous_shard(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     feats, masks = [], []
     for images, labels in loader:

@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from simpool.data.davis import Video, read_annotation
+from simpool.data.every_item import open_rgb
 from simpool.data.fashion_on_photos import voc_palette
 from simpool.distributed import is_main_process
 from simpool.evaluation.backbone_view import global_and_patches, model_stride
@@ -70,8 +71,7 @@ def frame_size(height: int, width: int, short_side: int = 480) -> tuple[int, int
 def load_frame(path: str | os.PathLike, short_side: int = 480) -> tuple[torch.Tensor, tuple[int, int]]:
     """(3, h, w) normalised frame (bilinear, half-pixel centres, no antialias: cv2's INTER_LINEAR) and its
     original (H, W)."""
-    with Image.open(path) as image:
-        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy())
+    pixels = torch.from_numpy(np.asarray(open_rgb(path), dtype=np.float32).copy())
     original = tuple(pixels.shape[:2])
     size = frame_size(*original, short_side)
     frame = F.interpolate(pixels.permute(2, 0, 1)[None] / 255.0, size=size, mode="bilinear", align_corners=False)[0]

@@ -6,7 +6,9 @@ leave a loop) and routes logging by rank. ``end_process`` makes the ranks leave 
 its peer's gloo threads still talk to it made the peer abort ("terminate called without an active exception").
 
 ``driver`` wraps every command line's ``main``: Ctrl-C in a driver without a loop of steps (``KeyboardInterrupt``)
-is one line and exit 130 instead of a traceback, and whatever the way out, the folder locks of the run
+is one line and exit 130 instead of a traceback, a :class:`~simpool.data.paths.DataError` met during the work (an
+unreadable image an evaluation needs: :mod:`simpool.data.every_item`) is one ``error:`` line and exit 2, and
+whatever the way out, the folder locks of the run
 (:mod:`simpool.run.lock`) are released and the signal handlers it replaced put back (in-process runs).
 
 Example:
@@ -26,7 +28,9 @@ from collections.abc import Callable
 
 import torch
 
+from simpool.data.paths import DataError
 from simpool.distributed import DistInfo, barrier, cleanup, control_group, init_distributed
+from simpool.run.config import bad_input
 from simpool.run.lock import release_folders
 from simpool.run.log import setup_logging
 from simpool.run.stop import INTERRUPT_EXIT_CODE, restore_signal_handlers
@@ -61,8 +65,9 @@ def end_process() -> None:
 
 def driver(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Wrap a command line's ``main(argv) -> exit code``: ``KeyboardInterrupt`` (Ctrl-C where no
-    :class:`~simpool.run.stop.StopSignals` is installed) becomes one line on stderr and exit 130; on every way
-    out the folder locks are released and replaced signal handlers restored."""
+    :class:`~simpool.run.stop.StopSignals` is installed) becomes one line on stderr and exit 130, a ``DataError``
+    one ``error:`` line and exit 2; on every way out the folder locks are released and replaced signal handlers
+    restored."""
 
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
@@ -72,6 +77,9 @@ def driver(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | Non
             print("interrupted (Ctrl-C): stopped; every file is written whole or not at all, so a rerun of the "
                   "same command starts cleanly", file=sys.stderr)
             return INTERRUPT_EXIT_CODE
+        except DataError as err:  # the user's data, met on one rank: no barrier (the others are mid-work)
+            cleanup()
+            return bad_input(err)
         finally:
             release_folders()
             restore_signal_handlers()
