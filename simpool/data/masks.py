@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from torchvision.ops import masks_to_boxes
 
 from simpool.data.every_item import open_rgb, reading_image
+from simpool.data.paths import DataError
 
 __all__ = ["MaskSample", "MaskFolderDataset", "read_mask_folder", "CocoDataset", "read_coco", "mask_to_box"]
 
@@ -99,21 +100,21 @@ class MaskFolderDataset(Dataset):
         candidates = [mask_dir] if mask_dir else ["SegmentationObject", "SegmentationClass"]
         found = [root / name for name in candidates if (root / name).is_dir()]
         if not self.image_dir.is_dir() or not found:
-            raise ValueError(f"{root} is not a VOC-style folder: expected JPEGImages/ and one of "
-                             f"{candidates}/ with PNG masks (pass mask_dir= for another mask folder name)")
+            raise DataError(f"{root} is not a VOC-style folder: expected JPEGImages/ and one of "
+                            f"{candidates}/ with PNG masks (pass mask_dir= for another mask folder name)")
         self.mask_dir = found[0]
         self.binary = binary
         self.names = sorted(path.stem for path in self.mask_dir.glob("*.png"))
         if not self.names:
-            raise ValueError(f"no PNG masks in {self.mask_dir}")
+            raise DataError(f"no PNG masks in {self.mask_dir}")
         self.image_paths = [self._image_path(name) for name in self.names]
 
     def _image_path(self, name: str) -> Path:
         for suffix in _IMAGE_SUFFIXES:
             if (path := self.image_dir / f"{name}{suffix}").is_file():
                 return path
-        raise ValueError(f"mask {self.mask_dir / name}.png has no image {self.image_dir / name}.jpg "
-                         "(or .jpeg/.png)")
+        raise DataError(f"mask {self.mask_dir / name}.png has no image {self.image_dir / name}.jpg "
+                        "(or .jpeg/.png)")
 
     def __len__(self) -> int:
         return len(self.names)
@@ -123,12 +124,12 @@ class MaskFolderDataset(Dataset):
         image = open_rgb(self.image_paths[index])
         with reading_image(self.mask_dir / f"{name}.png") as mask_file:
             if mask_file.mode not in ("P", "L", "1", "I", "I;16"):
-                raise ValueError(f"{mask_file.filename}: mask mode {mask_file.mode} is not a label image; "
-                                 "save masks as palette (VOC) or greyscale PNGs")
+                raise DataError(f"{mask_file.filename}: mask mode {mask_file.mode} is not a label image; "
+                                "save masks as palette (VOC) or greyscale PNGs")
             values = np.asarray(mask_file)  # palette PNGs give the palette indices, i.e. the labels
         if values.shape != (image.height, image.width):
-            raise ValueError(f"{name}: mask {values.shape} and image {(image.height, image.width)} "
-                             "differ in size")
+            raise DataError(f"{name}: mask {values.shape} and image {(image.height, image.width)} "
+                            "differ in size")
         foreground, void, objects = _decode_mask(values.astype(np.int64), self.binary)
         boxes = mask_to_box(np.stack(objects)) if objects else torch.zeros(0, 4, dtype=torch.int64)
         return MaskSample(name=name, image=image, mask=torch.from_numpy(foreground),
@@ -165,7 +166,7 @@ def read_mask_folder(
 def _coco_box(bbox: Any, width: int, height: int, where: str) -> tuple[int, int, int, int]:
     """COCO ``[x, y, w, h]`` (floats, pixel edges) → the integer pixel box covering it, clipped to the image."""
     if not isinstance(bbox, list | tuple) or len(bbox) != 4:
-        raise ValueError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
+        raise DataError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
     x, y, w, h = (float(v) for v in bbox)
     x0, y0 = max(0, int(np.floor(x))), max(0, int(np.floor(y)))
     x1, y1 = min(width, int(np.ceil(x + w))), min(height, int(np.ceil(y + h)))
@@ -179,16 +180,16 @@ class CocoDataset(Dataset):
         self.image_dir = Path(image_dir)
         path = Path(annotation_file)
         if not self.image_dir.is_dir():
-            raise ValueError(f"COCO image folder {self.image_dir} does not exist")
+            raise DataError(f"COCO image folder {self.image_dir} does not exist")
         if not path.is_file():
-            raise ValueError(f"COCO annotation file {path} does not exist")
+            raise DataError(f"COCO annotation file {path} does not exist")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not JSON ({error}); expected a COCO instances file") from error
+            raise DataError(f"{path} is not JSON ({error}); expected a COCO instances file") from error
         if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
                 or not isinstance(data.get("annotations"), list):
-            raise ValueError(f"{path} is not a COCO instances file: it needs 'images' and 'annotations' lists")
+            raise DataError(f"{path} is not a COCO instances file: it needs 'images' and 'annotations' lists")
         by_image: dict[Any, list[dict]] = defaultdict(list)
         try:
             for annotation in data["annotations"]:
@@ -198,12 +199,12 @@ class CocoDataset(Dataset):
                            if any(not a.get("iscrowd", 0) for a in by_image.get(image["id"], []))]
             self.names = [Path(image["file_name"]).stem for image in self.images]
         except (KeyError, TypeError, AttributeError) as error:
-            raise ValueError(f"{path}: an entry lacks a COCO key ({error!r}); images need 'id' and "
-                             "'file_name', annotations 'image_id' and 'bbox'") from error
+            raise DataError(f"{path}: an entry lacks a COCO key ({error!r}); images need 'id' and "
+                            "'file_name', annotations 'image_id' and 'bbox'") from error
         self.annotations = by_image
         self.skipped = len(data["images"]) - len(self.images)
         if not self.images:
-            raise ValueError(f"{path}: no image has a non-crowd annotation; nothing to score")
+            raise DataError(f"{path}: no image has a non-crowd annotation; nothing to score")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -212,8 +213,8 @@ class CocoDataset(Dataset):
         info = self.images[index]
         image_path = self.image_dir / info["file_name"]
         if not image_path.is_file():
-            raise ValueError(f"{image_path} (file_name of image id {info['id']}) does not exist under "
-                             f"{self.image_dir}; pass the folder the file names are relative to")
+            raise DataError(f"{image_path} (file_name of image id {info['id']}) does not exist under "
+                            f"{self.image_dir}; pass the folder the file names are relative to")
         image = open_rgb(image_path)
         width, height = image.size
         foreground = Image.new("1", (width, height))
