@@ -156,6 +156,16 @@ def broadcast_from_rank_0(value):
     return box[0]
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, over the CPU control group; ``[value]``
+    without a process group. Collective: every rank calls it."""
+    if not is_distributed():
+        return [value]
+    values = [None] * get_world_size()
+    dist.all_gather_object(values, value, group=control_group())
+    return values
+
+
 def all_gather_varlen(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Gather tensors whose first dimension differs between ranks; returns one tensor per rank."""
     if not is_distributed():

@@ -4,6 +4,7 @@ the main process and from loader workers alike, in every evaluator that reads it
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from simpool.data.generated.voc import write_voc_style
 from simpool.data.generated.voc_detection import write_voc_detection
 from simpool.data.generated.wsol import write_wsol
 from simpool.data.paths import DataError
-from tests.helpers import needs_fashion, run_module
+from simpool.run.process import data_errors_agreed
+from tests.helpers import needs_fashion, run_module, torchrun
 
 TINY = ["--random_init", "--arch", "vit_tiny", "--mode", "simpool", "--patch_size", "8", "--model_overrides",
         "depth=1", "embed_dim=48", "num_heads=3"]
@@ -152,3 +154,28 @@ def test_an_unreadable_image_is_one_error_line_naming_it(tmp_path, layout):
     assert "Traceback" not in result.stderr and len(errors) == 1, result.stderr[-3000:]
     assert errors[0].split("error: ", 1)[1].startswith(f"{victim} cannot be read as an image (")
     assert not results.exists()  # no result from part of the data
+
+
+def test_an_unreadable_image_on_one_of_two_ranks_stops_both_with_the_line_and_keeps_the_others_work(tmp_path):
+    command, victim, results = _localization(tmp_path / "data", tmp_path / "out")
+    readable = victim.read_bytes()
+    victim.write_bytes(b"junk")
+    result = run_module(*command, *TINY, "--no_progress", launcher=torchrun())
+    assert result.returncode != 0 and "exitcode  : 2" in result.stderr, result.stderr[-3000:]
+    assert "[rank0]" not in result.stderr and "[rank1]" not in result.stderr, result.stderr[-3000:]  # no traceback
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines and all(line.startswith(f"error: {victim} cannot be read as an image (") for line in lines)
+    assert not results.exists()
+    done = [json.loads(line) for path in (tmp_path / "out").glob("localization.rank*.jsonl")
+            for line in path.read_text().splitlines()]
+    assert len(done) == 2  # the other rank's share of the 4 images, kept for the rerun
+    victim.write_bytes(readable)
+    again = run_module(*command, *TINY, "--no_progress", launcher=torchrun())
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(results.read_text())["num_images"] == 4
+
+
+def test_alone_the_error_is_raised_as_it_is():
+    with pytest.raises(UnreadableImageError, match="^/data/1.jpg cannot be read"):
+        with data_errors_agreed():
+            list(every_item(Numbers(3, bad=1)))

@@ -35,6 +35,7 @@ from simpool.checkpoint import atomic_save
 from simpool.data.every_item import every_item
 from simpool.distributed import barrier, get_rank, is_main_process
 from simpool.run import changes, refuse_changes, shard, weights_identity
+from simpool.run.process import data_errors_agreed
 
 __all__ = ["FeatureCache", "fill_caches", "identity_key", "model_identity", "same_key_batches"]
 
@@ -168,16 +169,16 @@ def fill_caches(
     missing = [set(cache.missing(ids)) for cache in caches]
     todo = [i for i, image_id in enumerate(ids) if any(image_id in m for m in missing)]
     mine = list(shard(todo))
-    batches = same_key_batches(mine, size_key or (lambda _: 0), batch_size)
-    loader = every_item(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
-    bar = tqdm(total=len(mine), desc=desc, disable=not is_main_process() or not mine, leave=False)
-    for batch, images in zip(batches, loader, strict=True):
-        outputs = embed(images.to(device, non_blocking=True))
-        for cache, wanted, features in zip(caches, missing, outputs, strict=True):
-            rows = [k for k, i in enumerate(batch) if ids[i] in wanted]
-            if rows:
-                cache.add([ids[batch[k]] for k in rows], features[rows])
-        bar.update(len(batch))
-    bar.close()
+    with data_errors_agreed():  # an unreadable image on one rank (sizes read too) stops every rank before the gather
+        batches = same_key_batches(mine, size_key or (lambda _: 0), batch_size)
+        loader = every_item(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
+        with tqdm(total=len(mine), desc=desc, disable=not is_main_process() or not mine, leave=False) as bar:
+            for batch, images in zip(batches, loader, strict=True):
+                outputs = embed(images.to(device, non_blocking=True))
+                for cache, wanted, features in zip(caches, missing, outputs, strict=True):
+                    rows = [k for k, i in enumerate(batch) if ids[i] in wanted]
+                    if rows:
+                        cache.add([ids[batch[k]] for k in rows], features[rows])
+                bar.update(len(batch))
     for cache in caches:
         cache.gather()

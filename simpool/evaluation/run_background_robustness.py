@@ -42,7 +42,7 @@ from simpool.run import ItemResults, changes, weights_identity
 from simpool.run.config import IMAGE_SIDE, WORKERS, ConfigError, FlagParser, bad_input, check_ranges
 from simpool.run.flags import add_distributed_flags, add_model_flags, bool_flag, require_weights
 from simpool.run.model_check import check_image_size
-from simpool.run.process import driver, end_process, start_process
+from simpool.run.process import data_errors_agreed, driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_background_robustness")
 RESULTS_FILE = "background_robustness.json"
@@ -86,11 +86,12 @@ def _score_variant(features, head: ProbeHead, data, batch_size: int, num_workers
     mine = Subset(data, range(get_rank(), len(data), get_world_size()))
     counts = torch.zeros(2, len(IN9_CLASSES), dtype=torch.int64, device=device)
     loader = every_item(mine, batch_size=batch_size, num_workers=num_workers)
-    for images, targets in tqdm(loader, disable=not (progress and is_main_process()), desc=name):
-        targets = targets.to(device)
-        correct = head.in9_predictions(features(images.to(device)).float()) == targets
-        counts[0].index_add_(0, targets, correct.long())
-        counts[1].index_add_(0, targets, torch.ones_like(targets))
+    with data_errors_agreed():  # an unreadable image on one rank stops every rank before the sum
+        for images, targets in tqdm(loader, disable=not (progress and is_main_process()), desc=name):
+            targets = targets.to(device)
+            correct = head.in9_predictions(features(images.to(device)).float()) == targets
+            counts[0].index_add_(0, targets, correct.long())
+            counts[1].index_add_(0, targets, torch.ones_like(targets))
     counts = all_reduce_sum(counts).cpu()
     return {"correct": int(counts[0].sum()), "total": int(counts[1].sum()),
             "accuracy": 100.0 * float(counts[0].sum()) / max(1, int(counts[1].sum())),

@@ -61,7 +61,7 @@ from simpool.evaluation.object_discovery import map_names
 from simpool.run import ItemResults, shard, weights_identity
 from simpool.run.config import IMAGE_SIDE, WORKERS, ConfigError, FlagParser, bad_input, check_ranges
 from simpool.run.flags import add_distributed_flags, add_model_flags, require_weights
-from simpool.run.process import driver, end_process, start_process
+from simpool.run.process import data_errors_agreed, driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_localization")
 RESULTS_FILE = "localization.json"
@@ -155,18 +155,19 @@ def run_localization(
     position = {image_id: i for i, image_id in enumerate(data.image_ids)}
     mine = [position[i] for i in shard(items.todo(data.image_ids))]
     loader = every_item(WsolImages(data, mine, image_size), batch_size=batch_size, num_workers=num_workers)
-    with tqdm(total=len(mine), disable=not (progress and is_main_process()), desc="localization") as bar:
-        for images, indices in loader:
-            maps = _with_head_mean(attention_maps(model, images))
-            names = map_names(maps.shape[1] - (maps.shape[1] > 1))
-            for grid_maps, index in zip(maps, indices.tolist(), strict=True):
-                image_id = data.image_ids[index]
-                gt = resize_boxes(data.boxes[image_id], data.sizes[image_id], (image_size, image_size))
-                correct = {name: _pack(correct_at_thresholds(_quantized(m, image_size), gt, thresholds,
-                                                             iou_thresholds))
-                           for name, m in zip(names, grid_maps, strict=True)}
-                items.add(image_id, {"correct": correct})
-            bar.update(len(indices))
+    with data_errors_agreed():  # an unreadable image on one rank stops every rank before the gather
+        with tqdm(total=len(mine), disable=not (progress and is_main_process()), desc="localization") as bar:
+            for images, indices in loader:
+                maps = _with_head_mean(attention_maps(model, images))
+                names = map_names(maps.shape[1] - (maps.shape[1] > 1))
+                for grid_maps, index in zip(maps, indices.tolist(), strict=True):
+                    image_id = data.image_ids[index]
+                    gt = resize_boxes(data.boxes[image_id], data.sizes[image_id], (image_size, image_size))
+                    correct = {name: _pack(correct_at_thresholds(_quantized(m, image_size), gt, thresholds,
+                                                                 iou_thresholds))
+                               for name, m in zip(names, grid_maps, strict=True)}
+                    items.add(image_id, {"correct": correct})
+                bar.update(len(indices))
     records = items.gather()
     result = {"evaluator": "localization", **source, "data_path": str(data.image_root),
               "metadata": str(data.metadata), **protocol,

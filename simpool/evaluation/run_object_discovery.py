@@ -43,7 +43,7 @@ from simpool.evaluation.object_discovery import corloc_summary, discover
 from simpool.run import ItemResults, shard, weights_identity
 from simpool.run.config import IMAGE_SIDE, WORKERS, ConfigError, FlagParser, bad_input, check_ranges
 from simpool.run.flags import add_distributed_flags, add_model_flags, require_weights
-from simpool.run.process import driver, end_process, start_process
+from simpool.run.process import data_errors_agreed, driver, end_process, start_process
 
 log = logging.getLogger("simpool.evaluation.run_object_discovery")
 RESULTS_FILE = "object_discovery.json"
@@ -109,9 +109,10 @@ def run_object_discovery(
     patch_size = model_stride(model)
     loader = every_item(torch.utils.data.Subset(data, mine), batch_size=1, num_workers=num_workers,
                         collate_fn=_first)
-    for name, image, gt in tqdm(loader, total=len(mine), disable=not (progress and is_main_process()),
-                                desc="object discovery"):
-        items.add(name, discover(model, image, patch_size, gt, image_size, k_patches, which, lost_source, keep))
+    with data_errors_agreed():  # an unreadable image on one rank stops every rank before the gather
+        for name, image, gt in tqdm(loader, total=len(mine), disable=not (progress and is_main_process()),
+                                    desc="object discovery"):
+            items.add(name, discover(model, image, patch_size, gt, image_size, k_patches, which, lost_source, keep))
     records = items.gather()
     summary = corloc_summary(records[name] for name in names)
     result = {"evaluator": "object_discovery", **source, "data_path": data_path, **protocol, **summary}

@@ -47,6 +47,7 @@ from simpool.data.fashion_on_photos import voc_palette
 from simpool.data.segmentation import IGNORE_INDEX
 from simpool.distributed import all_gather_varlen, all_reduce_sum, get_rank, get_world_size
 from simpool.evaluation.linear import MultiLRLinear, feature_batches, probe_optimizer
+from simpool.run.process import data_errors_agreed
 from simpool.run.state import CheckpointFormat
 
 __all__ = ["SEGMENTATION_PROBE_CHECKPOINT", "SegmentationHeads", "SegProbeState", "all_background_confusion",
@@ -154,9 +155,10 @@ def cache_features(
     loader = every_item(_contiguous_shard(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     feats, masks = [], []
-    for images, labels in loader:
-        feats.append(features(images.to(device, non_blocking=True)).float())
-        masks.append(labels.to(device, dtype=torch.uint8))
+    with data_errors_agreed():  # an unreadable image on one rank stops every rank before the gather
+        for images, labels in loader:
+            feats.append(features(images.to(device, non_blocking=True)).float())
+            masks.append(labels.to(device, dtype=torch.uint8))
     if not feats:  # a rank with an empty shard (fewer images than ranks) still joins the gather
         probe = features(dataset[0][0][None].to(device)).float()
         feats, masks = [probe[:0]], [torch.zeros(0, *dataset[0][1].shape, dtype=torch.uint8, device=device)]

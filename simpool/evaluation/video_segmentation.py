@@ -44,6 +44,7 @@ from simpool.distributed import is_main_process
 from simpool.evaluation.backbone_view import global_and_patches, model_stride
 from simpool.evaluation.davis_metrics import evaluate_video, summarize
 from simpool.run import ItemResults, shard
+from simpool.run.process import data_errors_agreed
 
 __all__ = ["DAVIS_MEAN", "DAVIS_STD", "FORMAT", "davis_palette", "frame_size", "label_propagation", "load_frame",
            "neighborhood_mask", "run_video_segmentation", "segment_video", "upsample_labels", "write_indexed_png"]
@@ -211,8 +212,9 @@ def run_video_segmentation(model: torch.nn.Module, videos: Sequence[Video], outp
     model.eval()
     items = ItemResults(output_dir, "davis", identity).open()
     by_name = {video.name: video for video in videos}
-    for name in tqdm(shard(items.todo(list(by_name))), desc="videos", disable=not is_main_process()):
-        items.add(name, segment_and_score(model, by_name[name], output_dir, device, batch_size, chunk, **protocol))
+    with data_errors_agreed():  # an unreadable frame on one rank stops every rank before the gather
+        for name in tqdm(shard(items.todo(list(by_name))), desc="videos", disable=not is_main_process()):
+            items.add(name, segment_and_score(model, by_name[name], output_dir, device, batch_size, chunk, **protocol))
     records = items.gather()
     scored = {name: records[name] for name in by_name if "J" in records.get(name, {})}
     result = {"format": FORMAT, "num_videos": len(videos), "num_frames": sum(records[n]["frames"] for n in by_name)}

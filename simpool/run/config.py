@@ -268,7 +268,7 @@ def bad_input(err: Exception | str, code: int = 2) -> int:
     Every entry point catches the ValueErrors its set-up raises (bad flags, data or weights) and returns this,
     instead of a traceback.
     """
-    print(f"error: {err}", file=sys.stderr)
+    sys.stderr.write(f"error: {err}\n")  # one write: the ranks of a run share one stream
     return code
 
 

@@ -24,18 +24,27 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
 from simpool.data.paths import DataError
-from simpool.distributed import DistInfo, barrier, cleanup, control_group, init_distributed
+from simpool.distributed import (
+    DistInfo,
+    all_gather_objects,
+    barrier,
+    cleanup,
+    control_group,
+    init_distributed,
+    is_distributed,
+)
 from simpool.run.config import bad_input
 from simpool.run.lock import release_folders
 from simpool.run.log import setup_logging
 from simpool.run.stop import INTERRUPT_EXIT_CODE, restore_signal_handlers
 
-__all__ = ["driver", "end_process", "start_process"]
+__all__ = ["AgreedDataError", "data_errors_agreed", "driver", "end_process", "start_process"]
 
 
 def start_process(dist_url: str = "env://", backend: str | None = None, tf32: bool = False) -> DistInfo:
@@ -63,6 +72,38 @@ def end_process() -> None:
     release_folders()
 
 
+class AgreedDataError(DataError):
+    """A ``DataError`` that every rank of the run raises at the same point (:func:`data_errors_agreed`)."""
+
+
+@contextmanager
+def data_errors_agreed() -> Iterator[None]:
+    """Run the block, this rank's share of a data set's work, so that a ``DataError`` one rank meets stops every
+    rank. Collective on exit: the ranks exchange what they met (one all-gather over the CPU control group), and
+    if any rank met a ``DataError`` every rank raises the first one's message as :class:`AgreedDataError`.
+
+    Each rank of an evaluator reads its own share of the images, so a file only one rank cannot read would leave
+    the others waiting for it in their next collective, then failing with a gloo traceback. The ranks that met
+    nothing finish their share first (its results are kept for the rerun). Alone, the error is raised at once.
+
+    Example:
+        >>> with data_errors_agreed():                    # every rank
+        ...     for images, indices in every_item(my_share, batch_size=32, num_workers=8):
+        ...         items.add(...)
+        >>> records = items.gather()                      # reached by every rank, or by none
+    """
+    met = None
+    try:
+        yield
+    except DataError as err:
+        if not is_distributed():
+            raise
+        met = str(err)
+    failures = [message for message in all_gather_objects(met) if message is not None]
+    if failures:
+        raise AgreedDataError(failures[0])
+
+
 def driver(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Wrap a command line's ``main(argv) -> exit code``: ``KeyboardInterrupt`` (Ctrl-C where no
     :class:`~simpool.run.stop.StopSignals` is installed) becomes one line on stderr and exit 130, a ``DataError``
@@ -77,8 +118,13 @@ def driver(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | Non
             print("interrupted (Ctrl-C): stopped; every file is written whole or not at all, so a rerun of the "
                   "same command starts cleanly", file=sys.stderr)
             return INTERRUPT_EXIT_CODE
-        except DataError as err:  # the user's data, met on one rank: no barrier (the others are mid-work)
-            cleanup()
+        except DataError as err:
+            # Agreed: every rank is here and may meet at the barrier. Otherwise only this rank may be (the others
+            # mid-work), and a barrier would pair with their next collective.
+            if isinstance(err, AgreedDataError):
+                end_process()
+            else:
+                cleanup()
             return bad_input(err)
         finally:
             release_folders()
