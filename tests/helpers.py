@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -294,3 +295,32 @@ def read_scores(path: Path) -> dict:
         assert set(row) == METRIC_NAMES
         assert all(0.0 <= value <= 1.0 for value in row.values()), row
     return result
+
+
+def onnx_error(model: torch.nn.Module, path: Path, shapes: list[tuple[int, ...]]) -> float:
+    """Largest max|onnx - torch| / max|torch| over random images of ``shapes``; the graph's axes must be dynamic.
+    Needs onnxruntime (the calling module skips without it)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    worst = 0.0
+    for shape in shapes:
+        images = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(images).numpy()
+        got = session.run(None, {"images": images.numpy()})[0]
+        assert got.shape == expected.shape == (shape[0], model.embed_dim)
+        worst = max(worst, float(np.abs(got - expected).max() / np.abs(expected).max()))
+    return worst
+
+
+def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's ``size=`` option) at ``mount`` for the duration of a fixture; skips the test
+    where mounting is not allowed."""
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)

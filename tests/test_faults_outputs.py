@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, needs_fashion, photo_folder
+from tests.helpers import TINY, mounted_tmpfs, needs_fashion, photo_folder
 
 MODEL = ["--random_init", "--arch", "vit_tiny", "--mode", "simpool", "--patch_size", "4", "--model_overrides",
          "depth=1", "embed_dim=32", "num_heads=2"]
@@ -127,13 +127,7 @@ def test_a_read_only_mount_is_refused_before_any_work(driver, read_only_mount, t
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs; skipped where mounting is not allowed."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    yield from mounted_tmpfs(tmp_path / "disk", "1m")
 
 
 @needs_fashion

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +19,7 @@ from tests.helpers import (
     folder_state,
     free_port,
     log_lines,
+    mounted_tmpfs,
     needs_fashion,
     photo_folder,
     run_cli,
@@ -166,13 +166,7 @@ def test_stale_temp_files_are_removed_and_checkpoints_follow_the_umask(tmp_path)
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 3 MiB tmpfs (one tiny checkpoint fits, two do not); skipped where mounting is not allowed."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    yield from mounted_tmpfs(tmp_path / "disk", "3m")
 
 
 @needs_fashion

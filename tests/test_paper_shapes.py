@@ -29,16 +29,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from simpool.data.generated.image_folder import image_folder_class_names, write_image_folder
-from tests.helpers import FIXTURE_DIRS, REPO
+from tests.helpers import FIXTURE_DIRS, REPO, onnx_error
 
 try:
-    import onnxruntime
+    import onnxruntime  # noqa: F401  (onnx_error runs it; checked here so the tier fails or skips at once)
 except ImportError:  # the [onnx] extra; `make install` (and so CI) installs it, where a skip would hide a gap
     if os.environ.get("CI"):
         raise
@@ -294,21 +293,6 @@ def assert_same_size_pngs(folder: Path, names: set[str]) -> None:
     assert names <= {p.name for p in folder.iterdir()}, sorted(p.name for p in folder.iterdir())
     sizes = {name: Image.open(folder / name).size for name in names}
     assert len(set(sizes.values())) == 1, sizes
-
-
-def onnx_error(model: torch.nn.Module, path: Path, shapes: list[tuple[int, ...]]) -> float:
-    """Largest max|onnx - torch| / max|torch| over random images of ``shapes``; the graph's axes must be dynamic."""
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
-    worst = 0.0
-    for shape in shapes:
-        images = torch.randn(*shape)
-        with torch.no_grad():
-            expected = model(images).numpy()
-        got = session.run(None, {"images": images.numpy()})[0]
-        assert got.shape == expected.shape == (shape[0], model.embed_dim)
-        worst = max(worst, float(np.abs(got - expected).max() / np.abs(expected).max()))
-    return worst
 
 
 # ------------------------------------------------------------------------------------------------------------
